@@ -1,0 +1,1 @@
+"""Framework adapters (LlamaIndex, LangChain), each imported lazily from its own module."""
