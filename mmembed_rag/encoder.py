@@ -172,8 +172,10 @@ class Encoder:
         lengths = [self.token_count(p) for p in prompts]
         order = sorted(range(len(items)), key=lambda i: -lengths[i])
         groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if not groups:
+            return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmembed-prep") as pool:
-            pending: Future | None = pool.submit(self._collate, items, prompts, groups[0]) if groups else None
+            pending: Future = pool.submit(self._collate, items, prompts, groups[0])
             for nxt in groups[1:] + [None]:
                 batch = pending.result()
                 pending = pool.submit(self._collate, items, prompts, nxt) if nxt is not None else None

@@ -36,17 +36,28 @@ _CORPUS_WORDS = (
 
 
 def _train_tokenizer(vocab_size: int) -> Tokenizer:
-    """A Llama-style BPE (prepend '▁', spaces as '▁', byte fallback) trained on a small built-in corpus."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS + byte_tokens,
-                                  initial_alphabet=list("▁abcdefghijklmnopqrstuvwxyz"), show_progress=False)
+    """A Llama-style BPE (prepend '▁', spaces as '▁', byte fallback) trained on a small built-in corpus.
+
+    Ids follow Llama's layout: ``<unk> <s> </s>``, then the 256 byte-fallback tokens, then the merges.
+    """
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 3 - 256, initial_alphabet=list("▁abcdefghijklmnopqrstuvwxyz"),
+                                  show_progress=False)
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    learner = Tokenizer(models.BPE())
+    learner.normalizer = normalizer
     words = _CORPUS_WORDS
     lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(400)]
-    tok.train_from_iterator(lines + [w.capitalize() for w in words], trainer=trainer)
+    learner.train_from_iterator(lines + [w.capitalize() for w in words], trainer=trainer)
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {tok: i for i, tok in enumerate(_SPECIALS + [f"<0x{b:02X}>" for b in range(256)])}
+    for token in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizer
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(_SPECIALS)
     return tok
 
 
@@ -104,7 +115,7 @@ def _processor_files(path: Path, image_size: int, grid: list[list[int]]) -> None
 
 def make_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, vocab_size: int = 1000,
                          pooling: str | None = None, dtype: torch.dtype = torch.float16,
-                         max_shard_bytes: int = 2_000_000, **config_overrides: Any) -> Path:
+                         max_shard_bytes: int = 500_000, **config_overrides: Any) -> Path:
     """Write a randomly initialised MM-Embed-format checkpoint to ``path`` and return the path.
 
     Args:

@@ -1,0 +1,65 @@
+"""Prompt building: the release's templates, special tokens, instruction mask span and truncation."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer
+
+from mmembed_rag.prompts import PromptBuilder
+
+
+@pytest.fixture(scope="module")
+def builder(reference_encoder) -> PromptBuilder:
+    return reference_encoder.prompts
+
+
+@pytest.fixture(scope="module")
+def raw(reference_dir) -> Tokenizer:
+    return Tokenizer.from_file(str(reference_dir / "tokenizer.json"))
+
+
+def _ids(raw: Tokenizer, text: str) -> list[int]:
+    return raw.encode(text, add_special_tokens=False).ids
+
+
+def test_query_with_image_matches_whole_prompt_tokenisation(builder, raw):
+    prompt = builder.query("which animal?", True, "Find it.")
+    expected = [1] + _ids(raw, "Instruct: Find it.\nQuery: <image>\nwhich animal?") + [2]
+    assert list(prompt.ids) == expected
+    assert prompt.has_image and not prompt.truncated
+
+
+@pytest.mark.parametrize(("text", "image", "template"), [
+    ("a red square", False, "a red square"),
+    ("a", True, "<image>\na"),
+    (None, True, "<image>\n"),
+])
+def test_document_templates(builder, raw, text, image, template):
+    assert list(builder.document(text, image).ids) == [1] + _ids(raw, template) + [2]
+
+
+def test_query_without_instruction(builder, raw):
+    assert list(builder.query("hi", False, None).ids) == [1] + _ids(raw, "Query: hi") + [2]
+    assert builder.query("hi", False, None).masked_prefix == 0
+
+
+def test_instruction_mask_counts_bos_prefix_and_eos(builder, raw):
+    prompt = builder.query("hi", False, "Find it.")
+    assert prompt.masked_prefix == 1 + len(_ids(raw, "Instruct: Find it.")) + 1
+
+
+def test_truncation_keeps_bos_and_eos(reference_encoder):
+    short = PromptBuilder(reference_encoder.tokenizer, 32000, max_length=8)
+    prompt = short.document("word " * 50, False)
+    assert len(prompt.ids) == 8 and prompt.ids[0] == 1 and prompt.ids[-1] == 2 and prompt.truncated
+
+
+def test_instruction_longer_than_max_length_drops_the_image(reference_encoder):
+    short = PromptBuilder(reference_encoder.tokenizer, 32000, max_length=8)
+    prompt = short.query("x", True, "a very long instruction " * 5)
+    assert not prompt.has_image and prompt.truncated and prompt.masked_prefix == 8
+
+
+def test_max_length_too_small(reference_encoder):
+    with pytest.raises(ValueError, match="max_length=2 leaves no room"):
+        PromptBuilder(reference_encoder.tokenizer, 32000, max_length=2)
