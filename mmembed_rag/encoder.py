@@ -175,10 +175,10 @@ class Encoder:
         if not groups:
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmembed-prep") as pool:
-            pending: Future = pool.submit(self._collate, items, prompts, groups[0])
+            pending: Future = pool.submit(self.collate, items, prompts, groups[0])
             for nxt in groups[1:] + [None]:
                 batch = pending.result()
-                pending = pool.submit(self._collate, items, prompts, nxt) if nxt is not None else None
+                pending = pool.submit(self.collate, items, prompts, nxt) if nxt is not None else None
                 yield batch
 
     def token_count(self, prompt: Prompt) -> int:
@@ -203,7 +203,8 @@ class Encoder:
                 bar.update(len(batch.positions))
         return out
 
-    def _collate(self, items: list[MultimodalItem], prompts: list[Prompt], positions: list[int]) -> Batch:
+    def collate(self, items: list[MultimodalItem], prompts: list[Prompt], positions: list[int]) -> Batch:
+        """Model inputs for `items[positions]` (images loaded and preprocessed); training uses this too."""
         per_image = self.model.tokens_per_image
         image_id = self.model.image_token_index
         length = max(self.token_count(prompts[i]) for i in positions)
