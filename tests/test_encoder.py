@@ -151,3 +151,11 @@ def test_bad_batch_size(tiny_encoder):
 def test_empty_instruction_is_rejected(tiny_encoder):
     with pytest.raises(InvalidItemError, match="instruction"):
         tiny_encoder.encode_queries(["a"], instruction="   ")
+
+
+def test_float16_and_device_map_auto(tiny_checkpoint):
+    reference = Encoder.from_pretrained(tiny_checkpoint).encode_documents(["a red square"])
+    half = Encoder.from_pretrained(tiny_checkpoint, dtype="float16").encode_documents(["a red square"])
+    spread = Encoder.from_pretrained(tiny_checkpoint, device_map="auto")
+    assert float((reference * half).sum()) > 0.99
+    np.testing.assert_allclose(spread.encode_documents(["a red square"]), reference, atol=1e-6)
