@@ -1,0 +1,364 @@
+"""Zero-shot multimodal reranking with a LLaVA-NeXT-family generative model: P("True") per candidate.
+
+The model reads one prompt per (query, candidate) pair -- the query part of a
+:class:`~mmembed_rag.rerank_templates.RerankTemplate`, then the candidate part with the question -- and the
+score is the softmax over its next-token logits for "True" and "False", taking P("True").
+
+The query part comes first so it is computed once per query: its key/value cache is expanded along the
+batch dimension and each batch of right-padded candidates is run on top of it, with an attention mask
+over prefix + candidate and position ids continuing after the prefix. ``score(..., use_cache=False)`` is
+the naive reference (each pair as one full sequence, one at a time); both agree to float rounding.
+
+Images use the global view only (the whole image resized to the vision tower's size, its patch features
+and one ``image_newline``), in both paths: at the released 336 px an image is 577 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, DynamicCache, LlavaNextForConditionalGeneration, PreTrainedTokenizerBase
+
+from .errors import CheckpointError, ImageLoadError, InvalidItemError
+from .hub import resolve_checkpoint
+from .images import DEFAULT_MAX_PIXELS, load_image
+from .items import MultimodalItem, to_item
+from .preprocessing import GlobalViewProcessor
+from .rerank_templates import (
+    PLAIN_WRAPPER,
+    PromptEncoder,
+    RerankTemplate,
+    TemplateError,
+    chat_wrapper,
+    get_template,
+    select_template,
+)
+from .results import RankedItem
+
+__all__ = ["MLLMReranker", "RerankTemplate", "TemplateError"]
+
+logger = logging.getLogger(__name__)
+
+
+class MLLMReranker:
+    """Pointwise zero-shot reranker: an MLLM judges whether each candidate satisfies the query.
+
+    Args:
+        model: a ``LlavaNextForConditionalGeneration`` (see :meth:`from_pretrained`).
+        tokenizer: its fast tokenizer.
+        image_processor: turns an RGB image into the global-view tensor.
+        template: a built-in template name, a :class:`RerankTemplate`, or ``None`` to pick the built-in
+            template from each pair's modalities (text→text, text→image, image→text, composed image
+            retrieval, image question→passage, else "generic").
+        max_length: each user text (the query's, each candidate's) is cut to this many tokens, with a warning.
+        chat_wrapper: (head, tail) around the prompt; :meth:`from_pretrained` derives it from the checkpoint's
+            chat template. Default: no head, ``"\\nAnswer:"`` as tail.
+        answer_tokens: the (yes, no) words; each must be one token, preferably in its leading-space form.
+        max_image_pixels: decompression-bomb bound for image loading (``None`` disables it).
+        url_timeout: seconds to wait for an image URL.
+
+    Example:
+        >>> reranker = MLLMReranker.from_pretrained("llava-hf/llava-v1.6-mistral-7b-hf", dtype="bfloat16")
+        >>> ranked = reranker.rerank({"img": "cat.png"}, ["a cat on a mat", "a red square"], top_n=1)
+        >>> ranked[0].index, ranked[0].score
+    """
+
+    def __init__(self, model: LlavaNextForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+                 image_processor: GlobalViewProcessor, template: str | RerankTemplate | None = None,
+                 max_length: int = 512, chat_wrapper: Sequence[str] | None = None,
+                 answer_tokens: tuple[str, str] = ("True", "False"),
+                 max_image_pixels: int | None = DEFAULT_MAX_PIXELS, url_timeout: float = 10.0) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = None if template is None else get_template(template)
+        config = model.config
+        vision = config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        self.tokens_per_image = patches + (config.vision_feature_select_strategy == "full") + 1  # + image_newline
+        self.prompts = PromptEncoder(tokenizer, config.image_token_id, self.tokens_per_image, max_length,
+                                     tuple(chat_wrapper) if chat_wrapper is not None else PLAIN_WRAPPER)
+        self.answer_ids = (self.prompts.answer_token_id(answer_tokens[0]),
+                           self.prompts.answer_token_id(answer_tokens[1]))
+        if self.answer_ids[0] == self.answer_ids[1]:
+            raise ValueError(f"answer tokens {answer_tokens!r} map to the same token id")
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.max_image_pixels = max_image_pixels
+        self.url_timeout = url_timeout
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | None = None,
+                        dtype: str | torch.dtype | None = None, template: str | RerankTemplate | None = None,
+                        max_length: int = 512, use_chat_template: bool = True, revision: str | None = None,
+                        local_files_only: bool = False, **kwargs: Any) -> MLLMReranker:
+        """Load a LLaVA-NeXT generative checkpoint (safetensors; no remote code is ever run).
+
+        Args:
+            name_or_path: hub id (e.g. ``"llava-hf/llava-v1.6-mistral-7b-hf"``) or a local directory.
+            device: ``"cpu"``, ``"cuda"``...; default CUDA when available, else CPU.
+            dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; default float32 on CPU, bfloat16 on CUDA.
+            template: see the class docstring.
+            max_length: tokens per user text.
+            use_chat_template: wrap prompts in the checkpoint's chat template when it has one.
+            revision, local_files_only: passed to the hub download.
+            **kwargs: further constructor options (``answer_tokens``, ``chat_wrapper``, ``max_image_pixels``...).
+
+        Raises:
+            ModelNotFoundError: no such directory and the hub cannot be reached.
+            CheckpointError: not a LLaVA-NeXT generative checkpoint, no safetensors, or weights missing.
+        """
+        path = resolve_checkpoint(name_or_path, revision=revision, local_files_only=local_files_only)
+        _check_checkpoint(path)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype is None:
+            dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        model, info = LlavaNextForConditionalGeneration.from_pretrained(
+            str(path), dtype=torch_dtype, use_safetensors=True, output_loading_info=True)
+        if info["missing_keys"]:
+            raise CheckpointError(f"{path}: weights missing from the checkpoint: {sorted(info['missing_keys'])[:5]}")
+        model.to(device)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        processor = GlobalViewProcessor.from_checkpoint(path, model.config.vision_config.image_size)
+        if use_chat_template and "chat_wrapper" not in kwargs:
+            kwargs["chat_wrapper"] = chat_wrapper(tokenizer, path)
+        return cls(model, tokenizer, processor, template=template, max_length=max_length, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    def score(self, query: Any, candidates: Iterable[Any], batch_size: int = 16, show_progress: bool | None = None,
+              template: str | RerankTemplate | None = None, use_cache: bool = True) -> np.ndarray:
+        """P("True") for each candidate given the query.
+
+        Args:
+            query: anything :func:`mmembed_rag.items.to_item` accepts (text, image, text+image).
+            candidates: a list of the same.
+            batch_size: candidates per forward pass (cached path).
+            show_progress: tqdm bar; default on for 256 candidates or more.
+            template: overrides the reranker's template for this call.
+            use_cache: share the query part's key/value cache (default); ``False`` runs the naive reference,
+                each pair as one full sequence, one pair at a time.
+
+        Returns:
+            float32 array (len(candidates),), in the given order.
+
+        Raises:
+            InvalidItemError: the query or a candidate (named by index) is invalid or does not fit the template.
+            ImageLoadError: an image cannot be loaded (the message names the candidate index or the query).
+            TemplateError: unknown template name.
+        """
+        query_item, items = self._items(query, candidates)
+        return self._score(query_item, items, batch_size, show_progress, template, use_cache)
+
+    def rerank(self, query: Any, candidates: Iterable[Any], top_n: int | None = None, batch_size: int = 16,
+               show_progress: bool | None = None, template: str | RerankTemplate | None = None) -> list[RankedItem]:
+        """Candidates sorted by P("True"), best first (ties keep the given order).
+
+        Args:
+            query, candidates, batch_size, show_progress, template: as in :meth:`score`.
+            top_n: keep the best ``top_n`` (all when ``None`` or larger than the list).
+
+        Returns:
+            ``RankedItem(index, score, item)`` per kept candidate; ``index`` is its position in ``candidates``.
+
+        Raises:
+            ValueError: ``top_n`` < 1. Otherwise as :meth:`score`.
+        """
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+            raise ValueError(f"top_n must be a positive int or None, got {top_n!r}")
+        query_item, items = self._items(query, candidates)
+        scores = self._score(query_item, items, batch_size, show_progress, template, use_cache=True)
+        order = sorted(range(len(items)), key=lambda i: (-scores[i], i))[:top_n]
+        return [RankedItem(index=i, score=float(scores[i]), item=items[i]) for i in order]
+
+    def format_prompt(self, query: Any, candidate: Any, template: str | RerankTemplate | None = None) -> str:
+        """The decoded prompt of one pair (each image slot shows its image tokens), to check a template."""
+        query_item, (item,) = self._items(query, [candidate])
+        chosen = self._templates(query_item, [item], template)[0]
+        ids = self.prompts.query_ids(chosen, query_item) + self.prompts.candidate_ids(chosen, item)
+        return self.tokenizer.decode(ids)
+
+    # -- inputs -----------------------------------------------------------------------------------------
+
+    def _items(self, query: Any, candidates: Iterable[Any]) -> tuple[MultimodalItem, list[MultimodalItem]]:
+        query_item = _convert(query, "query", 0)
+        single = isinstance(candidates, (str, bytes, bytearray, Mapping, MultimodalItem))
+        if single or not isinstance(candidates, Iterable):
+            raise InvalidItemError(f"candidates must be a list of items, got a single {type(candidates).__name__}")
+        return query_item, [_convert(obj, "candidate", i) for i, obj in enumerate(candidates)]
+
+    def _templates(self, query: MultimodalItem, items: list[MultimodalItem],
+                   template: str | RerankTemplate | None) -> list[RerankTemplate]:
+        fixed = get_template(template) if template is not None else self.template
+        chosen = [fixed or select_template(query, item) for item in items]
+        for i, (tpl, item) in enumerate(zip(chosen, items)):
+            problem = tpl.check(query, "query")
+            if problem:
+                raise InvalidItemError(f"query: {problem}")
+            problem = tpl.check(item, "candidate")
+            if problem:
+                raise InvalidItemError(f"candidate {i}: {problem}")
+        return chosen
+
+    def _truncate(self, items: list[MultimodalItem]) -> list[MultimodalItem]:
+        out, cut = [], 0
+        for item in items:
+            text, was_cut = self.prompts.truncate(item.text)
+            cut += was_cut
+            out.append(MultimodalItem(text=text, image=item.image) if was_cut else item)
+        if cut:
+            logger.warning("%d text(s) longer than max_length=%d tokens were truncated", cut, self.prompts.max_length)
+        return out
+
+    def _pixels(self, item: MultimodalItem, label: str) -> torch.Tensor:
+        try:
+            image = load_image(item.image, max_pixels=self.max_image_pixels, timeout=self.url_timeout)
+        except ImageLoadError as exc:
+            raise ImageLoadError(f"{label}: {exc}") from exc
+        return self.image_processor(image)
+
+    # -- model ------------------------------------------------------------------------------------------
+
+    def _image_features(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Global views → per image (tokens_per_image, hidden): patch features then ``image_newline``."""
+        if not pixels:
+            return []
+        inner = self.model.model
+        config = self.model.config
+        batch = torch.stack(pixels).to(self.device, self.model.dtype)
+        hidden = inner.vision_tower(batch, output_hidden_states=True).hidden_states
+        layers = config.vision_feature_layer
+        features = hidden[layers] if isinstance(layers, int) else torch.cat([hidden[i] for i in layers], dim=-1)
+        if config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]  # drop CLS
+        features = inner.multi_modal_projector(features)
+        newline = inner.image_newline.to(features.dtype).expand(features.shape[0], 1, -1)
+        return list(torch.cat([features, newline], dim=1))
+
+    def _embed(self, rows: list[list[int]], features: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded input embeddings with image features spliced in, and each row's length."""
+        lengths = torch.tensor([len(r) for r in rows], device=self.device)
+        ids = torch.full((len(rows), int(lengths.max())), self.pad_token_id, dtype=torch.long)
+        for row, tokens in enumerate(rows):
+            ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        ids = ids.to(self.device)
+        slots = ids == self.prompts.image_token_id
+        embeds = self.model.get_input_embeddings()(ids.masked_fill(slots, 0))
+        present = [f for f in features if f is not None]
+        if present:
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), torch.cat(present).to(embeds.dtype))
+        return embeds, lengths
+
+    def _p_true(self, last_hidden: torch.Tensor) -> np.ndarray:
+        logits = self.model.lm_head(last_hidden).float()[:, list(self.answer_ids)]
+        return torch.softmax(logits, dim=-1)[:, 0].cpu().numpy()
+
+    def _prefix_cache(self, query_ids: list[int], query_features: torch.Tensor | None) -> DynamicCache:
+        embeds, _ = self._embed([query_ids], [query_features])
+        out = self.model.model.language_model(inputs_embeds=embeds, use_cache=True)
+        return out.cache
+
+    def _expanded(self, prefix: DynamicCache, batch: int) -> DynamicCache:
+        """A fresh cache holding the prefix keys/values once per row (the forward appends to it)."""
+        data = [(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)) for keys, values, *_ in prefix]
+        return DynamicCache(data, config=self.model.config.text_config)
+
+    def _score_batch(self, prefix: DynamicCache, prefix_len: int, rows: list[list[int]],
+                     features: list[torch.Tensor | None]) -> np.ndarray:
+        embeds, lengths = self._embed(rows, features)
+        batch, width = embeds.shape[:2]
+        offsets = torch.arange(width, device=self.device)
+        mask = torch.cat([torch.ones(batch, prefix_len, dtype=torch.long, device=self.device),
+                          (offsets < lengths[:, None]).long()], dim=1)
+        positions = (prefix_len + offsets).expand(batch, width)
+        hidden = self.model.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+            cache=self._expanded(prefix, batch), use_cache=True).last_hidden_state
+        return self._p_true(hidden[torch.arange(batch, device=self.device), lengths - 1])
+
+    def _score_pair(self, ids: list[int], pixels: list[torch.Tensor]) -> float:
+        """Naive reference: the whole prompt as one sequence, images encoded afresh."""
+        features = self._image_features(pixels)
+        embeds, _ = self._embed([ids], [torch.cat(features) if features else None])
+        hidden = self.model.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        return float(self._p_true(hidden[:, -1])[0])
+
+    def _score(self, query: MultimodalItem, items: list[MultimodalItem], batch_size: int,
+               show_progress: bool | None, template: str | RerankTemplate | None, use_cache: bool) -> np.ndarray:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        templates = self._templates(query, items, template)
+        out = np.zeros(len(items), dtype=np.float32)
+        if not items:
+            return out
+        query, *items = self._truncate([query, *items])
+        query_pixels = [self._pixels(query, "query")] if query.image is not None else []
+        groups: dict[tuple[int, ...], list[int]] = {}  # one shared prefix per distinct query part
+        for i, tpl in enumerate(templates):
+            groups.setdefault(tuple(self.prompts.query_ids(tpl, query)), []).append(i)
+        bar = tqdm(total=len(items), desc="reranking", unit="cand",
+                   disable=not show_progress if show_progress is not None else len(items) < 256)
+        with bar, torch.inference_mode():
+            query_features = self._image_features(query_pixels)[0] if query_pixels and use_cache else None
+            for prefix_ids, positions in groups.items():
+                rows = {i: self.prompts.candidate_ids(templates[i], items[i]) for i in positions}
+                if use_cache:
+                    self._score_group(list(prefix_ids), query_features, rows, items, batch_size, out, bar)
+                    continue
+                for i in positions:
+                    pixels = list(query_pixels)
+                    if items[i].image is not None:
+                        pixels.append(self._pixels(items[i], f"candidate {i}"))
+                    out[i] = self._score_pair(list(prefix_ids) + rows[i], pixels)
+                    bar.update(1)
+        return out
+
+    def _score_group(self, prefix_ids: list[int], query_features: torch.Tensor | None, rows: dict[int, list[int]],
+                     items: list[MultimodalItem], batch_size: int, out: np.ndarray, bar: tqdm) -> None:
+        """Score the candidates ``rows`` (position → candidate-part ids) that share one query part."""
+        prefix = self._prefix_cache(prefix_ids, query_features)
+        order = sorted(rows, key=lambda i: -len(rows[i]))  # similar lengths together: little padding
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            pixels = [self._pixels(items[i], f"candidate {i}") for i in chunk if items[i].image is not None]
+            features = iter(self._image_features(pixels))
+            row_features = [next(features) if items[i].image is not None else None for i in chunk]
+            out[chunk] = self._score_batch(prefix, len(prefix_ids), [rows[i] for i in chunk], row_features)
+            bar.update(len(chunk))
+
+
+def _convert(obj: Any, label: str, index: int) -> MultimodalItem:
+    """``to_item`` with errors naming the query or the candidate's index."""
+    try:
+        return to_item(obj, index)
+    except InvalidItemError as exc:
+        message = str(exc).removeprefix(f"item {index}: ")
+        name = "query" if label == "query" else f"candidate {index}"
+        raise InvalidItemError(f"{name}: {message}") from exc
+
+
+def _check_checkpoint(path: Path) -> None:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no config.json")
+    raw = json.loads(config_file.read_text())
+    architectures = raw.get("architectures") or []
+    if raw.get("model_type") != "llava_next" or (
+            architectures and "LlavaNextForConditionalGeneration" not in architectures):
+        raise CheckpointError(
+            f"{path}: not a LLaVA-NeXT generative checkpoint (model_type={raw.get('model_type')!r}, "
+            f"architectures={architectures}); the reranker needs LlavaNextForConditionalGeneration weights, "
+            "e.g. llava-hf/llava-v1.6-mistral-7b-hf (the MM-Embed encoder itself cannot generate)")
+    if not any(path.glob("*.safetensors")):
+        raise CheckpointError(f"{path}: no .safetensors weights (other formats are not loaded)")

@@ -1,0 +1,288 @@
+"""Zero-shot MLLM reranker: cached scores equal the naive computation, templates, ranking, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from mmembed_rag import CheckpointError, ImageLoadError, InvalidItemError, MultimodalItem
+from mmembed_rag.rerank_templates import (
+    PLAIN_WRAPPER,
+    RERANK_TEMPLATES,
+    RerankTemplate,
+    TemplateError,
+    select_template,
+)
+from mmembed_rag.reranker import MLLMReranker
+from mmembed_rag.results import RankedItem
+from mmembed_rag.testing_reranker import make_tiny_reranker
+
+RED = Image.new("RGB", (40, 30), (220, 20, 20))
+BLUE = Image.new("RGB", (64, 32), (20, 20, 220))
+QUERIES = {
+    "text": "a red square",
+    "image": RED,
+    "text+image": {"txt": "the same but in blue", "img": RED},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model gains nothing from intra-op threads, and on a busy machine they spin-wait (10-50x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_reranker(tmp_path_factory.mktemp("rerank") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def reranker(reranker_dir: Path) -> MLLMReranker:
+    return MLLMReranker.from_pretrained(reranker_dir, device="cpu")
+
+
+def _candidates() -> list:
+    return [
+        "a red square",
+        {"img": RED},
+        {"txt": "a blue square", "img": BLUE},
+        "photosynthesis converts light energy into chemical energy stored in glucose " * 4,
+        BLUE,
+        "ok",
+    ]
+
+
+@pytest.mark.parametrize("kind", list(QUERIES))
+def test_cached_scores_equal_naive_pairs(reranker, kind):
+    query = QUERIES[kind]
+    cached = reranker.score(query, _candidates(), batch_size=4)
+    naive = reranker.score(query, _candidates(), use_cache=False)
+    assert cached.dtype == np.float32 and cached.shape == (6,)
+    assert ((cached > 0) & (cached < 1)).all()
+    assert cached.max() - cached.min() > 0.05  # the tiny model spreads scores: equality is meaningful
+    np.testing.assert_allclose(cached, naive, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_score_does_not_depend_on_batch_company(reranker, kind):
+    query, candidates = QUERIES[kind], _candidates()
+    alone = np.array([reranker.score(query, [c])[0] for c in candidates])
+    for batch_size in (1, 2, 6):
+        np.testing.assert_allclose(reranker.score(query, candidates, batch_size=batch_size), alone, atol=1e-5)
+    reversed_scores = reranker.score(query, candidates[::-1], batch_size=4)
+    np.testing.assert_allclose(reversed_scores[::-1], alone, atol=1e-5)
+
+
+def _p_true(reranker: MLLMReranker, logits: torch.Tensor) -> float:
+    return float(torch.softmax(logits[list(reranker.answer_ids)].float(), dim=0)[0])
+
+
+def test_naive_path_matches_the_transformers_forward(reranker):
+    tpl = RERANK_TEMPLATES["text_to_text"]
+    query, cand = MultimodalItem(text="a red square"), MultimodalItem(text="a blue circle")
+    ids = reranker.prompts.query_ids(tpl, query) + reranker.prompts.candidate_ids(tpl, cand)
+    with torch.inference_mode():
+        logits = reranker.model(input_ids=torch.tensor([ids])).logits[0, -1]
+    assert reranker.score(query, [cand], use_cache=False)[0] == pytest.approx(_p_true(reranker, logits), abs=1e-5)
+
+    # Image query: the model's own forward, fed our global-view features for its <image> slots.
+    tpl = RERANK_TEMPLATES["image_to_text"]
+    query = MultimodalItem(image=RED)
+    ids = reranker.prompts.query_ids(tpl, query) + reranker.prompts.candidate_ids(tpl, cand)
+    assert ids.count(reranker.prompts.image_token_id) == reranker.tokens_per_image
+    with torch.inference_mode():
+        features = reranker._image_features([reranker.image_processor(RED)])
+        image = BaseModelOutputWithPooling(pooler_output=features)
+        logits = reranker.model(input_ids=torch.tensor([ids]), mm_encoder_outputs={"image": image}).logits[0, -1]
+    assert reranker.score(query, [cand], use_cache=False)[0] == pytest.approx(_p_true(reranker, logits), abs=1e-5)
+
+
+def test_query_part_is_computed_once_per_distinct_query_part(reranker):
+    lengths: list[int] = []
+    hook = reranker.model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    try:
+        reranker.score("a red square", ["x", "y", "z", "w", "v"], batch_size=2)
+        # text→text and text→image share the query part "Query: {query_text}": still one prefix.
+        text_runs = list(lengths)
+        lengths.clear()
+        reranker.score("a red square", ["x", BLUE, "z"], batch_size=8)
+        mixed_runs = list(lengths)
+        lengths.clear()
+        reranker.score(RED, ["x", BLUE], batch_size=8)  # image→text and generic: two query parts
+        image_runs = list(lengths)
+    finally:
+        hook.remove()
+    assert len(text_runs) == 1 + 3
+    assert len(mixed_runs) == 1 + 1
+    assert len(image_runs) == 2 + 2
+
+
+def test_templates_are_chosen_from_modalities(reranker):
+    text, image, both = MultimodalItem(text="t"), MultimodalItem(image=RED), MultimodalItem(text="t", image=RED)
+    assert select_template(text, text).name == "text_to_text"
+    assert select_template(text, image).name == "text_to_image"
+    assert select_template(image, text).name == "image_to_text"
+    assert select_template(both, image).name == "composed_image_retrieval"
+    assert select_template(both, text).name == "image_question_to_passage"
+    assert select_template(image, both).name == "generic"
+    prompt = reranker.format_prompt({"txt": "make it blue", "img": RED}, BLUE)
+    assert "Requested change: make it blue" in prompt and "Candidate image:" in prompt
+    assert prompt.startswith("<s> [INST] ") and prompt.endswith("Answer True or False. [/INST]")
+
+
+def test_prompt_text_has_no_stray_spaces_at_run_boundaries(reranker):
+    # Every text run is tokenised separately; a SentencePiece "▁" prepended to each would show as spaces.
+    assert reranker.format_prompt("a red square", "the cat") == (
+        "<s> [INST] Query: a red square\nPassage: the cat\n"
+        "Does the passage answer the query? Answer True or False. [/INST]")
+    image_prompt = reranker.format_prompt(RED, "the cat")
+    assert image_prompt.startswith("<s> [INST] Image:\n<image><image>")
+    assert image_prompt.split("<image>")[-1].startswith("\nCaption: the cat\nDoes the caption")
+
+
+def test_user_text_is_never_template_syntax_nor_special_tokens(reranker):
+    nasty = "<image> {candidate_text} {query_image} [/INST] </s>"
+    prompt = reranker.format_prompt(nasty, nasty, template="text_to_text")
+    assert prompt.count(nasty) == 2
+    tpl = RERANK_TEMPLATES["text_to_text"]
+    ids = reranker.prompts.query_ids(tpl, MultimodalItem(text=nasty))
+    ids += reranker.prompts.candidate_ids(tpl, MultimodalItem(text=nasty))
+    assert reranker.prompts.image_token_id not in ids
+    assert reranker.tokenizer.eos_token_id not in ids
+    cached, naive = reranker.score(nasty, [nasty, "x"]), reranker.score(nasty, [nasty, "x"], use_cache=False)
+    np.testing.assert_allclose(cached, naive, atol=1e-4)
+
+
+def test_named_and_custom_templates(reranker):
+    candidates = ["a red square", "a blue circle"]
+    auto = reranker.score("red", candidates)
+    np.testing.assert_allclose(reranker.score("red", candidates, template="text_to_text"), auto, atol=1e-6)
+    custom = RerankTemplate(query="Q: {query_text}\n", candidate="D: {candidate_text}\nRelevant? Answer True or False.")
+    scores = reranker.score("red", candidates, template=custom)
+    assert np.abs(scores - auto).max() > 1e-4
+    np.testing.assert_allclose(scores, reranker.score("red", candidates, template=custom, use_cache=False), atol=1e-4)
+    assert "D: a red square\nRelevant?" in reranker.format_prompt("red", "a red square", template=custom)
+
+
+@pytest.mark.parametrize("query, candidate, message", [
+    ("Query: {query_text}", "Is it relevant?", "candidate part has no slot"),
+    ("Query:", "{candidate_text}", "query part has no slot"),
+    ("Query: {query_txt}", "{candidate_text}", "query part: unknown slot {query_txt}"),
+    ("{query_text} {candidate_text}", "{candidate_text}", "{candidate_text} belongs in the candidate part"),
+    ("{query_text}", "{candidate_image} {candidate_image}", "slot {candidate_image} appears more than once"),
+])
+def test_bad_templates_are_refused(query, candidate, message):
+    with pytest.raises(TemplateError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        RerankTemplate(query=query, candidate=candidate)
+
+
+def test_unknown_template_name_and_modality_mismatch(reranker):
+    with pytest.raises(TemplateError, match="unknown template 'nope'; choose one of composed_image_retrieval"):
+        reranker.score("q", ["a"], template="nope")
+    with pytest.raises(InvalidItemError, match=r"candidate 1: it has an image but template 'text_to_text' has no "
+                                               r"\{candidate_image\} slot"):
+        reranker.score("q", ["a", {"txt": "b", "img": RED}], template="text_to_text")
+    with pytest.raises(InvalidItemError, match=r"query: it has an image but template 'text_to_image'"):
+        reranker.score({"txt": "q", "img": RED}, [BLUE], template="text_to_image")
+
+
+def test_rerank_orders_best_first_with_original_indices(reranker):
+    candidates = _candidates()
+    scores = reranker.score("a red square", candidates)
+    ranked = reranker.rerank("a red square", candidates)
+    assert all(isinstance(r, RankedItem) for r in ranked)
+    assert [r.index for r in ranked] == list(np.argsort(-scores, kind="stable"))
+    assert [r.score for r in ranked] == sorted(scores.tolist(), reverse=True)
+    for r in ranked:
+        assert isinstance(r.item, MultimodalItem) and r.id is None
+        if isinstance(candidates[r.index], str):
+            assert r.item.text == candidates[r.index]
+    top = reranker.rerank("a red square", candidates, top_n=2)
+    assert [r.index for r in top] == [r.index for r in ranked[:2]]
+    assert len(reranker.rerank("a red square", candidates, top_n=50)) == len(candidates)
+
+
+def test_empty_candidates_and_bad_top_n(reranker):
+    assert reranker.rerank("q", []) == []
+    assert reranker.score("q", []).shape == (0,)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="top_n must be a positive int or None"):
+            reranker.rerank("q", ["a"], top_n=bad)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        reranker.score("q", ["a"], batch_size=0)
+
+
+def test_bad_items_name_their_index(reranker, tmp_path):
+    with pytest.raises(InvalidItemError, match=r"^candidate 2: expected str, dict, .* got int$"):
+        reranker.score("q", ["a", "b", 3])
+    with pytest.raises(InvalidItemError, match="^candidate 1: text is empty and there is no image"):
+        reranker.score("q", ["a", "   "])
+    with pytest.raises(InvalidItemError, match="^query: expected str, dict"):
+        reranker.score(None, ["a"])
+    with pytest.raises(InvalidItemError, match="candidates must be a list of items, got a single str"):
+        reranker.score("q", "a")
+    with pytest.raises(ImageLoadError, match=r"^candidate 1: cannot load image .*missing\.png.*file not found"):
+        reranker.score("q", [BLUE, {"img": str(tmp_path / "missing.png")}])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ImageLoadError, match="^query: cannot load image"):
+        reranker.score({"img": broken}, ["a"])
+    with pytest.raises(ImageLoadError, match="^candidate 0: cannot load image"):
+        reranker.score("q", [{"img": broken}], use_cache=False)
+
+
+def test_long_texts_are_truncated_with_a_warning(reranker_dir, caplog):
+    short = MLLMReranker.from_pretrained(reranker_dir, device="cpu", max_length=8)
+    long_text = "energy chemical glucose photosynthesis " * 20
+    with caplog.at_level(logging.WARNING, logger="mmembed_rag.reranker"):
+        scores = short.score(long_text, [long_text, "ok"])
+    assert "2 text(s) longer than max_length=8 tokens were truncated" in caplog.text
+    np.testing.assert_allclose(scores, short.score(long_text, [long_text, "ok"], use_cache=False), atol=1e-4)
+    tpl = RERANK_TEMPLATES["text_to_text"]
+    cut, was_cut = short.prompts.truncate(long_text)
+    assert was_cut and long_text.startswith(cut)
+    assert len(short.prompts.query_ids(tpl, MultimodalItem(text=cut))) < 30
+
+
+def test_answer_tokens_and_chat_wrapper(reranker, reranker_dir):
+    tokens = reranker.tokenizer.convert_ids_to_tokens(list(reranker.answer_ids))
+    assert tokens == ["▁True", "▁False"]
+    assert (reranker.prompts.head, reranker.prompts.tail) == ("[INST] ", " [/INST]")
+    plain = MLLMReranker.from_pretrained(reranker_dir, device="cpu", use_chat_template=False)
+    assert (plain.prompts.head, plain.prompts.tail) == PLAIN_WRAPPER
+    assert plain.format_prompt("q", "d").endswith("Answer True or False.\nAnswer:")
+    with pytest.raises(ValueError, match="no single token for 'Affirmative'"):
+        MLLMReranker(reranker.model, reranker.tokenizer, reranker.image_processor,
+                     answer_tokens=("Affirmative", "False"))
+
+
+def test_progress_bar_can_be_turned_on_and_off(reranker, capsys):
+    reranker.score("q", ["a", "b"], show_progress=False)
+    assert "reranking" not in capsys.readouterr().err
+    reranker.score("q", ["a", "b"], show_progress=True)
+    assert "reranking" in capsys.readouterr().err
+
+
+def test_non_llava_next_checkpoints_are_refused(tmp_path, reranker_dir):
+    mmembed = tmp_path / "mmembed"
+    mmembed.mkdir()
+    (mmembed / "config.json").write_text(json.dumps({"model_type": "llava_next", "architectures": ["NVMMEmbedModel"]}))
+    with pytest.raises(CheckpointError, match="not a LLaVA-NeXT generative checkpoint"):
+        MLLMReranker.from_pretrained(mmembed, device="cpu")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((reranker_dir / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="no .safetensors weights"):
+        MLLMReranker.from_pretrained(no_weights, device="cpu")
