@@ -34,10 +34,10 @@ from llama_index.core import StorageContext
 from llama_index.core.indices.multi_modal.base import MultiModalVectorStoreIndex
 from llama_index.core.schema import BaseNode, ImageNode, TextNode
 from llama_index.vector_stores.chroma import ChromaVectorStore
-from mmembed_rag.integrations.llama_index import MMEmbedEmbedding, build_index
 from PIL import Image
 
 from mmembed_rag import Encoder
+from mmembed_rag.integrations.llama_index import MMEmbedEmbedding, build_index
 from mmembed_rag.testing import make_tiny_checkpoint
 
 logger = logging.getLogger("llama_index_ingest")

@@ -59,7 +59,7 @@ from mmembed_rag.images import load_image  # noqa: E402
 from mmembed_rag.items import to_item  # noqa: E402
 from mmembed_rag.rerank_templates import select_template  # noqa: E402
 from mmembed_rag.reranker import MLLMReranker  # noqa: E402
-from mmembed_rag.testing_reranker import make_tiny_reranker  # noqa: E402
+from mmembed_rag.testing import make_tiny_reranker  # noqa: E402
 
 logger = logging.getLogger("benchmarks.rerank")
 

@@ -19,10 +19,10 @@ from PIL import Image, ImageDraw
 pytest.importorskip("langchain_chroma", reason='needs the langchain extra: pip install "mmembed-rag[langchain]"')
 
 from langchain_chroma import Chroma  # noqa: E402
-from mmembed_rag.integrations.langchain import MMEmbedEmbeddings, MMEmbedRetriever  # noqa: E402
 
 from mmembed_rag import Encoder, ImageLoadError, InvalidItemError, MissingDependencyError  # noqa: E402
 from mmembed_rag.instructions import UnknownTaskError, get_instruction  # noqa: E402
+from mmembed_rag.integrations.langchain import MMEmbedEmbeddings, MMEmbedRetriever  # noqa: E402
 
 TEXTS = ["a red circle", "a green square on the left", "a blue star", "two yellow triangles"]
 INSTRUCTION = "mscoco_t2i"

@@ -31,6 +31,7 @@ from llama_index.core.indices.multi_modal.base import MultiModalVectorStoreIndex
 from llama_index.core.ingestion import IngestionPipeline  # noqa: E402
 from llama_index.core.schema import ImageNode, QueryBundle, TextNode  # noqa: E402
 from llama_index.vector_stores.chroma import ChromaVectorStore  # noqa: E402
+
 from mmembed_rag.integrations.llama_index import (  # noqa: E402
     MMEmbedEmbedding,
     MMEmbedRetriever,

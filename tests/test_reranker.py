@@ -22,7 +22,7 @@ from mmembed_rag.rerank_templates import (
 )
 from mmembed_rag.reranker import MLLMReranker
 from mmembed_rag.results import RankedItem
-from mmembed_rag.testing_reranker import make_tiny_reranker
+from mmembed_rag.testing import make_tiny_reranker
 
 RED = Image.new("RGB", (40, 30), (220, 20, 20))
 BLUE = Image.new("RGB", (64, 32), (20, 20, 220))

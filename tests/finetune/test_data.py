@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from mmembed_rag.errors import MMEmbedError
 from mmembed_rag.finetune.data import (
     ContrastiveDataset,
     DataError,
@@ -18,10 +22,6 @@ from mmembed_rag.finetune.data import (
 )
 from mmembed_rag.finetune.examples import ContrastiveExample
 from mmembed_rag.finetune.sampler import TaskBatchSampler
-from PIL import Image
-from torch.utils.data import DataLoader
-
-from mmembed_rag.errors import MMEmbedError
 from mmembed_rag.instructions import instructions_for
 
 

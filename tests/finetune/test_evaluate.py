@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from mmembed_rag.finetune.data import MBEIRDataset, TextRetrievalData
 from mmembed_rag.finetune.evaluate import (
     EvaluationReport,
@@ -20,8 +22,6 @@ from mmembed_rag.finetune.evaluate import (
     ndcg_at_k,
 )
 from mmembed_rag.finetune.synthetic import generate_benchmark, load_benchmark, load_text_benchmark
-from PIL import Image
-
 from mmembed_rag.items import MultimodalItem
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from mmembed_rag.finetune import data as data_module
 from mmembed_rag.finetune.data import MBEIRDataset
 from mmembed_rag.finetune.mining import (

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
+
 from mmembed_rag.finetune.arguments import TrainArguments
 from mmembed_rag.finetune.sampler import TaskBatchSampler, training_data
 from mmembed_rag.finetune.synthetic import generate_benchmark
-from torch.utils.data import DataLoader
 
 TASKS = ["a"] * 23 + ["b"] * 10 + ["c"] * 7
 

@@ -9,10 +9,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from mmembed_rag.finetune.data import MBEIRDataset, read_jsonl
-from mmembed_rag.finetune.synthetic import ALL_SHAPES, generate_benchmark, load_benchmark, load_text_benchmark, render
 from PIL import Image
 
+from mmembed_rag.finetune.data import MBEIRDataset, read_jsonl
+from mmembed_rag.finetune.synthetic import ALL_SHAPES, generate_benchmark, load_benchmark, load_text_benchmark, render
 from mmembed_rag.instructions import M_BEIR_TASKS
 
 N_TRAIN, N_TEST = 6, 4

@@ -17,8 +17,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 from transformers import LlavaNextConfig, PreTrainedTokenizerFast
 
-from .modeling.checkpoint import save_model
-from .modeling.model import MMEmbedModel
+from ..modeling.checkpoint import save_model
+from ..modeling.model import MMEmbedModel
 
 __all__ = ["make_tiny_checkpoint", "tiny_config"]
 

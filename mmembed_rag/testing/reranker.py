@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, PreTrainedTokenizerFast
 
-from .testing import _patch_tokenizer_config, _processor_files, _train_tokenizer, tiny_config
+from .checkpoint import _patch_tokenizer_config, _processor_files, _train_tokenizer, tiny_config
 
 __all__ = ["make_tiny_reranker", "TINY_CHAT_TEMPLATE"]
 
