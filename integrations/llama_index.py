@@ -19,6 +19,12 @@ Which path to use:
 * Plain ``VectorStoreIndex(nodes, embed_model=emb)`` embeds node *text* only: image-only ``ImageNode`` s are skipped
   or embedded as their metadata text. Use :func:`build_index`.
 
+Reranking: :class:`MMEmbedRerank` is a node postprocessor that scores each retrieved node with the zero-shot MLLM
+reranker (:class:`~mmembed_rag.reranker.MLLMReranker`) against the whole ``QueryBundle``: text, ``image_path`` or
+both. Query engines hand postprocessors the bundle they were given, but paths that rebuild it from ``query_str``
+lose the image; ``MMEmbedRetriever(index, reranker=MMEmbedRerank(...))`` reranks inside the retriever, with the
+bundle it searched with.
+
 Scores: ``ChromaVectorStore`` reports ``exp(-distance)``; :class:`MMEmbedRetriever` turns that back into the cosine
 similarity for the collection's space (``l2``, ``cosine`` or ``ip``). Other stores' similarities pass through
 (``SimpleVectorStore`` already reports cosine).
@@ -33,6 +39,9 @@ Example:
     >>> store = ChromaVectorStore(chroma_collection=chromadb.PersistentClient("db").get_or_create_collection("kb"))
     >>> index = build_index(nodes, emb, store)
     >>> hits = MMEmbedRetriever(index, similarity_top_k=5).retrieve(QueryBundle("the same but red", image_path="a.png"))
+    >>> rerank = MMEmbedRerank(model="llava-hf/llava-v1.6-mistral-7b-hf", top_n=3, combine="weighted", weight=0.7)
+    >>> retriever = MMEmbedRetriever(index, similarity_top_k=20, reranker=rerank)
+    >>> best = retriever.retrieve(QueryBundle("the same but red", image_path="a.png"))
 """
 
 from __future__ import annotations
@@ -40,15 +49,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 from collections.abc import Sequence
 from io import BytesIO
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from mmembed_rag.encoder import Encoder
 from mmembed_rag.errors import InvalidItemError, MissingDependencyError, MMEmbedError
 from mmembed_rag.items import MultimodalItem
+from mmembed_rag.rerank_templates import RerankTemplate, get_template
+from mmembed_rag.reranker import MLLMReranker
 
 try:
     from llama_index.core import StorageContext, VectorStoreIndex
@@ -57,6 +69,7 @@ try:
     from llama_index.core.bridge.pydantic import Field, PrivateAttr
     from llama_index.core.embeddings.multi_modal_base import MultiModalEmbedding
     from llama_index.core.indices.multi_modal.base import MultiModalVectorStoreIndex
+    from llama_index.core.postprocessor.types import BaseNodePostprocessor
     from llama_index.core.schema import BaseNode, ImageNode, ImageType, MetadataMode, Node, NodeWithScore, QueryBundle
     from llama_index.core.vector_stores.types import BasePydanticVectorStore, MetadataFilters, VectorStoreQuery
 except ImportError as exc:
@@ -65,7 +78,7 @@ except ImportError as exc:
         'pip install "mmembed-rag[llama-index]"'
     ) from exc
 
-__all__ = ["MMEmbedEmbedding", "MMEmbedRetriever", "add_nodes", "build_index"]
+__all__ = ["MMEmbedEmbedding", "MMEmbedRerank", "MMEmbedRetriever", "RerankedNode", "add_nodes", "build_index"]
 
 logger = logging.getLogger(__name__)
 
@@ -193,11 +206,13 @@ class MMEmbedRetriever(BaseRetriever):
         instruction: query instruction; default the embedding's ``query_instruction``.
         embed_model: default the index's embedding model when it is an :class:`MMEmbedEmbedding`.
         filters: metadata filters passed to the vector store.
+        reranker: a postprocessor (e.g. :class:`MMEmbedRerank`) applied to the ``similarity_top_k`` hits with the
+            same ``QueryBundle``, image included; it decides how many are returned (``top_n``).
     """
 
     def __init__(self, index: VectorStoreIndex, similarity_top_k: int = 10, instruction: str | None = None,
                  embed_model: MMEmbedEmbedding | None = None, filters: MetadataFilters | None = None,
-                 **kwargs: Any) -> None:
+                 reranker: BaseNodePostprocessor | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if similarity_top_k < 1:
             raise ValueError(f"similarity_top_k must be >= 1, got {similarity_top_k}")
@@ -205,7 +220,10 @@ class MMEmbedRetriever(BaseRetriever):
         if not isinstance(embed_model, MMEmbedEmbedding):
             raise TypeError(f"embed_model must be an MMEmbedEmbedding, got {type(embed_model).__name__}")
         self._index, self._embed_model, self._filters = index, embed_model, filters
-        self._top_k, self._instruction = similarity_top_k, instruction
+        if reranker is not None and not isinstance(reranker, BaseNodePostprocessor):
+            raise TypeError(f"reranker must be a BaseNodePostprocessor such as MMEmbedRerank, "
+                            f"got {type(reranker).__name__}")
+        self._top_k, self._instruction, self._reranker = similarity_top_k, instruction, reranker
         self._stores = [index.vector_store]
         if isinstance(index, MultiModalVectorStoreIndex):
             self._stores.append(index.image_vector_store)
@@ -229,7 +247,8 @@ class MMEmbedRetriever(BaseRetriever):
             for hit in self._hits(store, store.query(query)):
                 if hit.node.node_id not in best or hit.get_score() > best[hit.node.node_id].get_score():
                     best[hit.node.node_id] = hit
-        return sorted(best.values(), key=lambda hit: -hit.get_score())[: self._top_k]
+        hits = sorted(best.values(), key=lambda hit: -hit.get_score())[: self._top_k]
+        return hits if self._reranker is None else self._reranker.postprocess_nodes(hits, query_bundle)
 
     async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
         return await asyncio.to_thread(self._retrieve, query_bundle)
@@ -240,6 +259,88 @@ class MMEmbedRetriever(BaseRetriever):
             nodes = self._index.docstore.get_nodes([self._index.index_struct.nodes_dict[i] for i in result.ids])
         similarities = result.similarities or [None] * len(nodes)
         return [NodeWithScore(node=node, score=_cosine(store, s)) for node, s in zip(nodes, similarities)]
+
+
+class RerankedNode(NodeWithScore):
+    """What :class:`MMEmbedRerank` returns: ``score`` is the final score; ``node`` is the caller's node, unchanged."""
+
+    rerank_score: float = Field(description='The reranker\'s P("True") for the node.')
+    retrieval_score: float | None = Field(default=None, description="The score the node came in with.")
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "RerankedNode"
+
+
+class MMEmbedRerank(BaseNodePostprocessor):
+    """Zero-shot MLLM reranking of text, image and text+image nodes for a text, image or composed query.
+
+    Each node becomes one candidate as it does for embedding (text; ``ImageNode`` image from ``image``
+    (base64), ``image_path`` or ``image_url``, plus its text when it has any); the query is the bundle's
+    ``query_str`` and ``image_path`` (both: a composed query). :meth:`MLLMReranker.rerank` scores them.
+
+    Scores: ``combine=None`` (default): P("True"). ``"multiply"``: P("True") × the node's incoming score (with a
+    negative incoming score the product favours low P("True"), so prefer ``"weighted"`` there).
+    ``"weighted"``: ``weight * P("True") + (1 - weight) * incoming score`` (from :class:`MMEmbedRetriever`,
+    the cosine similarity). Ties keep the incoming order. Each result is a :class:`RerankedNode` holding the
+    caller's node object (neither copied nor modified) with ``rerank_score`` and ``retrieval_score``.
+
+    Args:
+        model: hub id or local directory of a LLaVA-NeXT generative checkpoint, loaded when ``reranker`` is not given.
+        reranker: an already loaded :class:`~mmembed_rag.reranker.MLLMReranker` (then leave ``device``/``dtype`` unset).
+        **kwargs: the fields below (``top_n``, ``template``, ``combine``, ``weight``, ``batch_size``, ...).
+
+    Raises:
+        TemplateError: unknown template name. ValueError: ``device``/``dtype`` given with ``reranker``.
+    """
+
+    model: str = Field(default="llava-hf/llava-v1.6-mistral-7b-hf", description="Hub id or local directory.")
+    top_n: int = Field(default=5, ge=1, description="Nodes kept (all when fewer).")
+    template: str | RerankTemplate | None = Field(
+        default=None, description="Built-in template name or RerankTemplate; None: the reranker's own choice.")
+    combine: Literal["multiply", "weighted"] | None = Field(
+        default=None, description="How to mix P(True) with the incoming score; None keeps P(True).")
+    weight: float = Field(default=0.5, ge=0.0, le=1.0, description='Weight of P("True") when combine="weighted".')
+    batch_size: int = Field(default=16, ge=1, description="Candidates per forward pass.")
+    device: str | None = Field(default=None, description="Device when loading `model`.")
+    dtype: str | None = Field(default=None, description="Weights dtype when loading `model`.")
+    _reranker: MLLMReranker = PrivateAttr()
+
+    def __init__(self, model: str | os.PathLike = "llava-hf/llava-v1.6-mistral-7b-hf",
+                 reranker: MLLMReranker | None = None, **kwargs: Any) -> None:
+        super().__init__(model=str(model), **kwargs)
+        if self.template is not None:
+            get_template(self.template)  # a mistyped name fails now, not at the first query
+        if reranker is None:
+            reranker = MLLMReranker.from_pretrained(self.model, device=self.device, dtype=self.dtype)
+        elif self.device is not None or self.dtype is not None:
+            raise ValueError("device and dtype apply when loading; with reranker=..., set them when loading it")
+        self._reranker = reranker
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "MMEmbedRerank"
+
+    @property
+    def reranker(self) -> MLLMReranker:
+        """The wrapped MLLMReranker."""
+        return self._reranker
+
+    def _postprocess_nodes(self, nodes: list[NodeWithScore],
+                           query_bundle: QueryBundle | None = None) -> list[RerankedNode]:
+        if query_bundle is None:
+            raise ValueError("MMEmbedRerank needs the query: pass query_bundle=QueryBundle(...) or query_str=...")
+        if isinstance(nodes, NodeWithScore):
+            raise InvalidItemError("nodes must be a list of NodeWithScore, got a single NodeWithScore")
+        nodes = list(nodes)
+        query = _query_item(query_bundle.query_str, query_bundle.image_path or None, query_bundle)
+        ranked = self._reranker.rerank(query, [_candidate(i, hit) for i, hit in enumerate(nodes)],
+                                       batch_size=self.batch_size, template=self.template)
+        out = [RerankedNode(node=nodes[r.index].node, rerank_score=r.score, retrieval_score=nodes[r.index].score,
+                            score=_combine(r.score, nodes[r.index].score, r.index, self.combine, self.weight))
+               for r in ranked]
+        order = sorted(range(len(out)), key=lambda j: (-out[j].score, ranked[j].index))
+        return [out[j] for j in order[: self.top_n]]
 
 
 def build_index(nodes: Sequence[BaseNode], embed_model: MMEmbedEmbedding,
@@ -357,6 +458,24 @@ def _query_item(text: str | None, image: Any, bundle: QueryBundle | None = None)
         what = f"QueryBundle(query_str={bundle.query_str!r}, image_path={bundle.image_path!r})" if bundle else (
             f"query (text={text!r}, image={image!r})")
         raise InvalidItemError(f"{what}: {exc}") from exc
+
+
+def _candidate(index: int, hit: Any) -> MultimodalItem:
+    if not isinstance(hit, NodeWithScore):
+        raise InvalidItemError(f"candidate {index}: expected a NodeWithScore, got {type(hit).__name__}")
+    try:
+        return _node_item(hit.node)
+    except InvalidItemError as exc:
+        raise InvalidItemError(f"candidate {index}: {exc}") from exc
+
+
+def _combine(rerank: float, retrieval: float | None, index: int, how: str | None, weight: float) -> float:
+    """The final rerank score; see :class:`MMEmbedRerank`."""
+    if how is None:
+        return rerank
+    if retrieval is None:
+        raise ValueError(f"candidate {index} has no retrieval score; combine={how!r} needs one")
+    return rerank * retrieval if how == "multiply" else weight * rerank + (1.0 - weight) * retrieval
 
 
 def _node_item(node: BaseNode) -> MultimodalItem:
