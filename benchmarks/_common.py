@@ -1,0 +1,107 @@
+"""Helpers shared by the benchmark scripts: model-size configs, synthetic inputs, tables, goals, JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["WORDS", "add_output_args", "clip_vision_config", "emit", "goal", "mistral_config", "print_table",
+           "random_text", "setup_logging", "synthetic_image", "tiny_vocab"]
+
+# Caption / passage vocabulary; with the tiny checkpoints' BPE a word is about two tokens.
+WORDS = (
+    "a the of in on with and to for from is are was by at as it this that near over under between "
+    "red green blue yellow black white bright dark small large old new tall round square "
+    "photo picture image chart map diagram painting drawing street city river mountain garden "
+    "house window table chair car train boat bridge tree flower field forest beach sky cloud sun "
+    "water light shadow person people child woman man dog cat bird horse group crowd market museum "
+    "morning evening night winter summer running sitting standing holding looking walking shows "
+    "energy plant glucose chemical stored converts election rally news event question answer evidence"
+).split()
+
+
+def tiny_vocab(vocab_size: int = 1000) -> int:
+    """A model vocabulary size that covers ``make_tiny_checkpoint(vocab_size=...)``'s tokenizer."""
+    return (vocab_size + 2 + 63) // 64 * 64
+
+
+def mistral_config(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
+                   max_positions: int = 4096) -> dict[str, Any]:
+    """A complete ``text_config`` dict (Mistral decoder) for ``tiny_config`` / ``make_tiny_checkpoint``."""
+    return {"hidden_size": hidden, "intermediate_size": intermediate, "max_position_embeddings": max_positions,
+            "model_type": "mistral", "num_attention_heads": heads, "num_hidden_layers": layers,
+            "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-05, "sliding_window": None, "vocab_size": vocab}
+
+
+def clip_vision_config(hidden: int, layers: int, heads: int, intermediate: int, image_size: int = 336,
+                       patch_size: int = 14) -> dict[str, Any]:
+    """A complete ``vision_config`` dict (CLIP ViT) for ``tiny_config`` / ``make_tiny_checkpoint``."""
+    return {"hidden_size": hidden, "image_size": image_size, "intermediate_size": intermediate,
+            "model_type": "clip_vision_model", "num_attention_heads": heads, "num_hidden_layers": layers,
+            "patch_size": patch_size, "projection_dim": hidden}
+
+
+def random_text(rng: random.Random, words: int) -> str:
+    """``words`` words drawn from :data:`WORDS`, capitalised, with a full stop every ~12 words."""
+    out = []
+    for i in range(words):
+        word = rng.choice(WORDS)
+        out.append(word.capitalize() if i == 0 or out[-1].endswith(".") else word)
+        if i % 12 == 11:
+            out[-1] += "."
+    return " ".join(out)
+
+
+def synthetic_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A photo-like RGB image: colour gradients, a few flat rectangles and sensor-like noise."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * rng.uniform(120, 255, 3)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        base[y0:y0 + height // 3, x0:x0 + width // 3] = rng.uniform(0, 255, 3)
+    noise = rng.normal(0.0, 12.0, (height, width, 1)).astype(np.float32)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """``--quick``, ``--json PATH`` and ``--verbose``, common to every benchmark."""
+    parser.add_argument("--quick", action="store_true", help="small smoke-test run (well under a minute)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the result JSON to PATH")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def goal(value: float, target: float, higher_is_better: bool) -> dict[str, Any]:
+    """A goal record: the value, the target as text (``">= 0.9"``) and whether it is met."""
+    met = value >= target if higher_is_better else value <= target
+    return {"value": round(value, 4), "goal": f"{'>=' if higher_is_better else '<='} {target}", "met": bool(met)}
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    """Print a plain, aligned text table (floats with 3 significant decimals)."""
+    cells = [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+def emit(result: dict[str, Any], json_path: Path | None) -> None:
+    """Print the result as the final JSON line and write it to ``json_path`` when given."""
+    line = json.dumps(result, sort_keys=True)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(line + "\n")
+    print(line, flush=True)
