@@ -64,6 +64,8 @@ class Encoder:
         add_eos: append EOS to prompts, as the release does.
         max_image_pixels: decompression-bomb bound for image loading (``None`` disables it).
         url_timeout: seconds to wait for an image URL.
+        image_workers: threads that load and preprocess a batch's images in parallel (decoding large
+            photos is the bottleneck in front of a GPU); 1 loads them serially.
 
     Example:
         >>> enc = Encoder.from_pretrained("nvidia/MM-Embed", dtype="bfloat16", device="cuda")
@@ -74,7 +76,8 @@ class Encoder:
 
     def __init__(self, model: MMEmbedModel, tokenizer: PreTrainedTokenizerBase,
                  image_processor: GlobalViewProcessor, max_length: int = 4096, add_eos: bool = True,
-                 max_image_pixels: int | None = DEFAULT_MAX_PIXELS, url_timeout: float = 10.0) -> None:
+                 max_image_pixels: int | None = DEFAULT_MAX_PIXELS, url_timeout: float = 10.0,
+                 image_workers: int = 4) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -83,6 +86,7 @@ class Encoder:
         self.url_timeout = url_timeout
         self.pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.raw_config: dict[str, Any] = {}
+        self._image_pool = ThreadPoolExecutor(image_workers, "mmembed-image") if image_workers > 1 else None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = "nvidia/MM-Embed", device: str | None = None,
@@ -210,21 +214,24 @@ class Encoder:
         length = max(self.token_count(prompts[i]) for i in positions)
         input_ids = torch.full((len(positions), length), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(positions), length), dtype=torch.long)
-        pixels = []
+        with_image = [i for i in positions if prompts[i].has_image]
+        mapper = self._image_pool.map if self._image_pool is not None and len(with_image) > 1 else map
+        pixels = list(mapper(lambda i: self._pixels(items[i], i), with_image))
         for row, i in enumerate(positions):
             prompt = prompts[i]
             ids = torch.tensor(prompt.ids, dtype=torch.long)
             if prompt.has_image:
                 ids = ids.repeat_interleave(torch.where(ids == image_id, per_image, 1))
-                image = load_image(items[i].image, index=i, max_pixels=self.max_image_pixels,
-                                   timeout=self.url_timeout)
-                pixels.append(self.image_processor(image))
             input_ids[row, :len(ids)] = ids
             attention[row, :len(ids)] = 1
         pool = attention.clone()
         for row, i in enumerate(positions):
             pool[row, :prompts[i].masked_prefix] = 0
         return Batch(positions, input_ids, attention, pool, torch.stack(pixels) if pixels else None)
+
+    def _pixels(self, item: MultimodalItem, index: int) -> torch.Tensor:
+        image = load_image(item.image, index=index, max_pixels=self.max_image_pixels, timeout=self.url_timeout)
+        return self.image_processor(image)
 
 
 def _dispatch(model: MMEmbedModel, device_map: str | dict) -> MMEmbedModel:

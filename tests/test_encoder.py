@@ -159,3 +159,18 @@ def test_float16_and_device_map_auto(tiny_checkpoint):
     spread = Encoder.from_pretrained(tiny_checkpoint, device_map="auto")
     assert float((reference * half).sum()) > 0.99
     np.testing.assert_allclose(spread.encode_documents(["a red square"]), reference, atol=1e-6)
+
+
+def test_parallel_image_loading_matches_serial_and_names_the_first_bad_item(tiny_checkpoint, tmp_path):
+    paths = []
+    for i, size in enumerate([(40, 30), (300, 90), (17, 64), (128, 128)]):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.new("RGB", size, (i * 60, 100, 200 - i * 40)).save(paths[-1])
+    items = [{"img": str(p), "txt": f"picture {i}"} for i, p in enumerate(paths)]
+    serial = Encoder.from_pretrained(tiny_checkpoint, image_workers=1)
+    parallel = Encoder.from_pretrained(tiny_checkpoint, image_workers=4)
+    np.testing.assert_array_equal(parallel.encode_documents(items, batch_size=4),
+                                  serial.encode_documents(items, batch_size=4))
+    broken = items[:1] + [{"img": str(tmp_path / "missing1.png")}] + items[2:3] + [{"img": str(tmp_path / "m3.png")}]
+    with pytest.raises(ImageLoadError, match=r"item 1: .*missing1.png"):
+        parallel.encode_documents(broken, batch_size=4)
