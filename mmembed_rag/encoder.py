@@ -155,19 +155,25 @@ class Encoder:
         Returns:
             float32 array (n, dim), rows L2-normalised.
         """
-        default = resolve_instruction(instruction)
         items = to_items(items)
-        prompts = [self.prompts.query(it.text, it.image is not None,
-                                      resolve_instruction(it.instruction) if it.instruction else default)
-                   for it in items]
-        return self._encode(items, prompts, batch_size, show_progress)
+        return self._encode(items, self.query_prompts(items, instruction), batch_size, show_progress)
 
     def encode_documents(self, items: Iterable[ItemLike], batch_size: int = 8,
                          show_progress: bool | None = None) -> np.ndarray:
         """Embed documents (never with an instruction). Returns float32 (n, dim), rows L2-normalised."""
         items = to_items(items)
-        prompts = [self.prompts.document(it.text, it.image is not None) for it in items]
-        return self._encode(items, prompts, batch_size, show_progress)
+        return self._encode(items, self.document_prompts(items), batch_size, show_progress)
+
+    def query_prompts(self, items: list[MultimodalItem], instruction: str | None = None) -> list[Prompt]:
+        """Tokenised query prompts; an item's own instruction wins over ``instruction`` (name or text)."""
+        default = resolve_instruction(instruction)
+        return [self.prompts.query(it.text, it.image is not None,
+                                   resolve_instruction(it.instruction) if it.instruction else default)
+                for it in items]
+
+    def document_prompts(self, items: list[MultimodalItem]) -> list[Prompt]:
+        """Tokenised document prompts (never an instruction)."""
+        return [self.prompts.document(it.text, it.image is not None) for it in items]
 
     def batches(self, items: list[MultimodalItem], prompts: list[Prompt], batch_size: int) -> Iterator[Batch]:
         """Length-sorted batches of model inputs, prepared one batch ahead in a background thread."""

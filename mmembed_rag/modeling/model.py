@@ -98,7 +98,8 @@ class MMEmbedModel(nn.Module):
             features = self.encode_images(pixel_values.to(inputs_embeds.dtype)).reshape(-1, inputs_embeds.shape[-1])
             if features.shape[0] != int(image_slots.sum()):
                 raise ValueError(f"{int(image_slots.sum())} image slots but {features.shape[0]} image tokens")
-            inputs_embeds = inputs_embeds.masked_scatter(image_slots.unsqueeze(-1), features.to(inputs_embeds.device))
+            features = features.to(inputs_embeds.device, inputs_embeds.dtype)  # autocast may hand back bf16/fp16
+            inputs_embeds = inputs_embeds.masked_scatter(image_slots.unsqueeze(-1), features)
         mask = create_bidirectional_mask(
             config=self.language_model.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
             allow_is_bidirectional_skip=False,

@@ -84,11 +84,17 @@ class LatentAttentionPooling(nn.Module):
         ])
 
     def forward(self, hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+        # Tokens never attend to each other here, so only the pooled ones (no padding, no instruction)
+        # need the two blocks: run them packed as one sequence, then average per row.
+        keep = pool_mask.bool()
+        rows = keep.nonzero()[:, 0]
+        tokens = hidden[keep].unsqueeze(0)
         attend, feed_forward = self.cross_attend_blocks
         latents = self.latents.unsqueeze(0).to(hidden.dtype)
-        hidden = attend(hidden, context=latents) + hidden
-        hidden = feed_forward(hidden) + hidden
-        return masked_mean(hidden, pool_mask)
+        tokens = attend(tokens, context=latents) + tokens
+        tokens = feed_forward(tokens) + tokens
+        sums = hidden.new_zeros(hidden.shape[0], hidden.shape[-1]).index_add(0, rows, tokens[0])
+        return sums / keep.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
 
 
 class MeanPooling(nn.Module):
