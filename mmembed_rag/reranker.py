@@ -43,7 +43,7 @@ from .rerank_templates import (
 )
 from .results import RankedItem
 
-__all__ = ["MLLMReranker", "RerankTemplate", "TemplateError"]
+__all__ = ["MLLMReranker", "RerankTemplate", "TemplateError", "combine_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +336,40 @@ class MLLMReranker:
             row_features = [next(features) if items[i].image is not None else None for i in chunk]
             out[chunk] = self._score_batch(prefix, len(prefix_ids), [rows[i] for i in chunk], row_features)
             bar.update(len(chunk))
+
+
+def combine_scores(rerank: float, retrieval: float | None, mode: str | None, weight: float, index: int,
+                   *, score_field: str | None = None) -> float:
+    """A reranked candidate's final score: P("True") alone or mixed with its retrieval score (adapters' ``combine``).
+
+    Args:
+        rerank: the reranker's P("True") for the candidate.
+        retrieval: the candidate's incoming score (e.g. cosine similarity), or ``None`` when it has none.
+        mode: ``None`` keeps ``rerank``; ``"multiply"``: ``rerank * retrieval`` (with a negative retrieval score
+            the product favours low P("True"), so prefer ``"weighted"`` there); ``"weighted"``:
+            ``weight * rerank + (1 - weight) * retrieval``.
+        weight: the weight of ``rerank`` in ``"weighted"`` mode.
+        index: the candidate's position, named in the error.
+        score_field: where the caller reads the retrieval score from, named in the error (e.g. ``"metadata['score']"``).
+
+    Returns:
+        The final score.
+
+    Raises:
+        ValueError: ``mode`` is not one of the three, or it needs a retrieval score and ``retrieval`` is ``None``.
+
+    Example:
+        >>> combine_scores(0.5, 0.25, "weighted", 0.5, index=0)
+        0.375
+    """
+    if mode is None:
+        return rerank
+    if mode not in ("multiply", "weighted"):
+        raise ValueError(f"combine must be None, 'multiply' or 'weighted', got {mode!r}")
+    if retrieval is None:
+        where = f" ({score_field})" if score_field else ""
+        raise ValueError(f"candidate {index} has no retrieval score{where}; combine={mode!r} needs one")
+    return rerank * retrieval if mode == "multiply" else weight * rerank + (1.0 - weight) * retrieval
 
 
 def _convert(obj: Any, label: str, index: int) -> MultimodalItem:

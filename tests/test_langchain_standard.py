@@ -11,6 +11,7 @@ pytest.importorskip("langchain_tests", reason='needs the dev extra: pip install 
 
 from langchain_tests.integration_tests import EmbeddingsIntegrationTests  # noqa: E402
 from langchain_tests.unit_tests import EmbeddingsUnitTests  # noqa: E402
+
 from mmembed_rag.integrations.langchain import MMEmbedEmbeddings  # noqa: E402
 
 

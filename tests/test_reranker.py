@@ -20,7 +20,7 @@ from mmembed_rag.rerank_templates import (
     TemplateError,
     select_template,
 )
-from mmembed_rag.reranker import MLLMReranker
+from mmembed_rag.reranker import MLLMReranker, combine_scores
 from mmembed_rag.results import RankedItem
 from mmembed_rag.testing import make_tiny_reranker
 
@@ -286,3 +286,28 @@ def test_non_llava_next_checkpoints_are_refused(tmp_path, reranker_dir):
     (no_weights / "config.json").write_text((reranker_dir / "config.json").read_text())
     with pytest.raises(CheckpointError, match="no .safetensors weights"):
         MLLMReranker.from_pretrained(no_weights, device="cpu")
+
+
+@pytest.mark.parametrize("mode, weight, expected", [
+    (None, 0.25, 0.5),  # P("True") alone
+    ("multiply", 0.25, 0.5 * 0.25),
+    ("weighted", 0.25, 0.25 * 0.5 + 0.75 * 0.25),
+    ("weighted", 1.0, 0.5),  # all rerank
+    ("weighted", 0.0, 0.25),  # all retrieval
+])
+def test_combine_scores_modes(mode, weight, expected):
+    assert combine_scores(0.5, 0.25, mode, weight, 0) == pytest.approx(expected)
+
+
+def test_combine_scores_negative_retrieval_and_missing_score():
+    assert combine_scores(0.9, -0.5, "multiply", 0.5, 0) == pytest.approx(-0.45)
+    assert combine_scores(0.9, -0.5, "weighted", 0.5, 0) == pytest.approx(0.2)
+    assert combine_scores(0.7, None, None, 0.5, 3) == 0.7  # no combination: no retrieval score needed
+    for mode in ("multiply", "weighted"):
+        with pytest.raises(ValueError, match=f"^candidate 3 has no retrieval score; combine='{mode}' needs one$"):
+            combine_scores(0.7, None, mode, 0.5, 3)
+        with pytest.raises(ValueError, match=rf"^candidate 2 has no retrieval score \(metadata\['score'\]\); "
+                                             f"combine='{mode}' needs one$"):
+            combine_scores(0.7, None, mode, 0.5, 2, score_field="metadata['score']")
+    with pytest.raises(ValueError, match="combine must be None, 'multiply' or 'weighted', got 'sum'"):
+        combine_scores(0.7, 0.5, "sum", 0.5, 0)
