@@ -17,12 +17,18 @@ from .errors import (
 )
 from .instructions import TASK_INSTRUCTIONS, TaskInstruction, get_instruction
 from .items import MultimodalItem
+from .reranker import MLLMReranker
+from .results import RankedItem
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Encoder",
     "MultimodalItem",
+    "MLLMReranker",
+    "RankedItem",
+    "MultimodalCollection",
+    "MMEmbedEmbeddingFunction",
     "TASK_INSTRUCTIONS",
     "TaskInstruction",
     "get_instruction",
@@ -34,3 +40,14 @@ __all__ = [
     "MissingDependencyError",
     "__version__",
 ]
+
+# The Chroma store needs chromadb (an extra); import it only when one of its names is used.
+_STORE_NAMES = {"MultimodalCollection", "MMEmbedEmbeddingFunction"}
+
+
+def __getattr__(name: str):
+    if name in _STORE_NAMES:
+        from . import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
