@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: install
-	$(BIN)/ruff check mmembed_rag finetune integrations tests benchmarks
+	$(BIN)/ruff check mmembed_rag finetune integrations tests benchmarks notebooks
 	$(BIN)/python -m pytest
 
 demo: install
