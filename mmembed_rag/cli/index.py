@@ -1,0 +1,205 @@
+"""``mmembed-rag index PATH...``: encode folders of images, text, Markdown and JSON Lines into a collection.
+
+Re-running is safe: ids are derived from content (text and image path), so an item indexed again
+overwrites itself. Under a launcher (``torchrun --nproc_per_node N -m mmembed_rag.cli.main index ...``)
+process ``r`` of ``N`` encodes items ``r, r+N, r+2N...`` of the global order and writes them to a Chroma
+server (``--host/--port``); an embedded database accepts one writer only and is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from .common import (
+    StoreLocation,
+    UsageError,
+    emit_json,
+    make_client,
+    non_negative_int,
+    positive_int,
+    resolve_model,
+    store_location,
+)
+from .distributed import Shard, env_rank, join_processes
+from .sources import Entry, Scan, file_kind, iter_entries, scan_paths
+
+if TYPE_CHECKING:  # chromadb is an extra
+    from mmembed_rag.store import MultimodalCollection
+
+__all__ = ["add_parser", "run"]
+
+logger = logging.getLogger(__name__)
+
+_OPEN_ATTEMPTS = 5  # processes without a process group may race to create the same collection
+
+
+def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """Register the ``index`` command."""
+    parser = subparsers.add_parser("index", parents=parents, help="index folders of images, text and JSON Lines",
+                                   description="Encode folders of images, text, Markdown and JSON Lines into a "
+                                               "collection.",
+                                   epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (searched recursively)")
+    parser.add_argument("--max-chars", type=non_negative_int, default=1000,
+                        help="longest text passage; text files are cut at blank lines (0: one item per file)")
+    parser.add_argument("--image-root", type=Path,
+                        help="folder that relative image paths in .jsonl files start from (default: the file's)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="items per forward pass")
+    parser.add_argument("--chunk-size", type=positive_int, default=128,
+                        help="items encoded and written together; each chunk is all-or-nothing")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Index ``args.paths``; print a report (or one JSON document with ``--json``)."""
+    rank, world = env_rank()
+    location = store_location(args)
+    if world > 1 and not location.remote:
+        raise UsageError(f"{world} processes cannot write one embedded database ({location}: SQLite allows a "
+                         "single writer); start a Chroma server (`chroma run --path DIR --port 8000`) and pass "
+                         "--host/--port, or run one process")
+    if args.image_root is not None and not args.image_root.is_dir():
+        raise UsageError(f"--image-root {args.image_root}: no such folder")
+    scan = scan_paths(args.paths)
+    total, mine = _validate(scan, args, rank, world)
+    shard = join_processes(args.device)
+    try:
+        collection = _open(args, location, shard)
+        started = time.perf_counter()
+        ids, modalities = _write(collection, scan, args, shard, mine)
+        shard.barrier()
+        entry = {"rank": shard.rank, "items": mine, "modalities": dict(modalities), "ids": ids,
+                 "seconds": round(time.perf_counter() - started, 3)}
+        ranks = shard.gather(entry)
+        count = collection.count()
+        if shard.grouped and shard.rank != 0:
+            return 0
+        report = _report(args, location, collection, scan, total, ranks, count, world)
+        if args.json:
+            emit_json(report)
+        else:
+            _print(report, shard)
+        return 0
+    finally:
+        shard.close()
+
+
+def _validate(scan: Scan, args: argparse.Namespace, rank: int, world: int) -> tuple[int, int]:
+    """Read every item once before anything is written: bad input fails now, and the counts size the bar."""
+    total = mine = 0
+    for ordinal, _ in enumerate(_entries(scan, args)):
+        total += 1
+        mine += ordinal % world == rank
+    if total == 0:
+        raise UsageError(f"nothing to index in {', '.join(args.paths)}: no supported file with content "
+                         f"({len(scan.skipped)} unsupported file(s) skipped)")
+    for path in scan.skipped:
+        logger.debug("skipped unsupported file %s", path)
+    return total, mine
+
+
+def _entries(scan: Scan, args: argparse.Namespace) -> Iterator[Entry]:
+    return iter_entries(scan.files, max_chars=args.max_chars, image_root=args.image_root)
+
+
+def _open(args: argparse.Namespace, location: StoreLocation, shard: Shard) -> MultimodalCollection:
+    from mmembed_rag.hub import DEFAULT_MODEL
+    from mmembed_rag.store import MultimodalCollection, StoreError, cached_encoder
+
+    device = args.device or shard.device
+    model = args.model
+    if model is None and not location.remote and not Path(location.persist_dir).exists():
+        model = DEFAULT_MODEL  # a new database: no collection to take the model from
+    if model is not None:  # load it before the database is created: a bad --model leaves nothing behind
+        cached_encoder(model, args.dtype, device)
+
+    def attempt() -> MultimodalCollection:
+        client = make_client(location)
+        name = resolve_model(model, client, args.collection)
+        return MultimodalCollection(name, encoder=cached_encoder(name, args.dtype, device), client=client,
+                                    collection=args.collection, dtype=args.dtype, device=device,
+                                    batch_size=args.batch_size)
+
+    if shard.grouped:  # the first process creates the collection, the others open it
+        collection = attempt() if shard.rank == 0 else None
+        shard.barrier()
+        return collection or attempt()
+    for remaining in range(_OPEN_ATTEMPTS - 1, -1, -1):
+        try:
+            return attempt()
+        except StoreError:
+            if shard.world_size == 1 or not remaining:
+                raise
+            logger.info("opening the collection failed (another process creating it?); retrying")
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
+def _write(collection: Any, scan: Scan, args: argparse.Namespace, shard: Shard,
+           mine: int) -> tuple[list[str], Counter]:
+    from mmembed_rag.store.records import modality
+
+    ids: dict[str, None] = {}
+    modalities: Counter = Counter()
+    chunk: list[Entry] = []
+    desc = "indexing" if shard.world_size == 1 else f"indexing (rank {shard.rank})"
+    with tqdm(total=mine, unit="item", desc=desc, disable=args.no_progress, file=sys.stderr) as bar:
+
+        def flush() -> None:
+            written = collection.add([e.item for e in chunk], metadatas=[e.metadata for e in chunk],
+                                     show_progress=False)
+            ids.update(dict.fromkeys(written))
+            modalities.update(modality(e.item) for e in chunk)
+            bar.update(len(chunk))
+            chunk.clear()
+
+        for ordinal, entry in enumerate(_entries(scan, args)):
+            if shard.owns(ordinal):
+                chunk.append(entry)
+                if len(chunk) == args.chunk_size:
+                    flush()
+        if chunk:
+            flush()
+    return list(ids), modalities
+
+
+def _report(args: argparse.Namespace, location: StoreLocation, collection: Any, scan: Scan, total: int,
+            ranks: list[dict[str, Any]], count: int, world: int) -> dict[str, Any]:
+    modalities: Counter = Counter()
+    for entry in ranks:
+        modalities.update(entry["modalities"])
+    files = Counter(file_kind(path) for path in scan.files)
+    return {"collection": args.collection, "store": str(location), "model": collection.embedding_function.model,
+            "world_size": world, "files": {kind: files.get(kind, 0) for kind in ("image", "text", "jsonl")},
+            "total_items": total, "items": sum(entry["items"] for entry in ranks),
+            "distinct": len({id_ for entry in ranks for id_ in entry["ids"]}),
+            "modalities": dict(modalities), "skipped": len(scan.skipped),
+            "skipped_files": [str(path) for path in scan.skipped], "count": count, "ranks": ranks}
+
+
+def _print(report: dict[str, Any], shard: Shard) -> None:
+    files = report["files"]
+    kinds = ", ".join(f"{n} {name}" for name, n in report["modalities"].items() if n)
+    distinct = f", {report['distinct']} distinct" if report["distinct"] != report["items"] else ""
+    print(f"indexed {report['items']} item(s) ({kinds}{distinct}) from {sum(files.values())} file(s) "
+          f"({files['image']} image, {files['text']} text, {files['jsonl']} jsonl) into collection "
+          f"{report['collection']!r} at {report['store']}")
+    if report["world_size"] > 1:
+        for entry in report["ranks"]:
+            print(f"  rank {entry['rank']}/{report['world_size']}: {entry['items']} item(s) in {entry['seconds']} s")
+        if not shard.grouped:
+            print(f"  (this process's share of {report['total_items']} item(s); the others report their own)")
+    if report["skipped"]:
+        names = [Path(p).name for p in report["skipped_files"]]
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        print(f"skipped {report['skipped']} unsupported file(s): {', '.join(names[:5])}{more}")
+    print(f"collection {report['collection']!r} now holds {report['count']} item(s)")
