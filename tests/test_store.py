@@ -37,6 +37,7 @@ from mmembed_rag.store import (
     MultimodalCollection,
     StoreError,
     cached_encoder,
+    clear_encoder_cache,
 )
 from mmembed_rag.testing import make_tiny_checkpoint
 
@@ -257,6 +258,7 @@ def test_connection_arguments_are_checked(tmp_path, tiny_checkpoint, tiny_encode
 
 
 def test_embedding_function_config_round_trip_shares_the_encoder(tiny_checkpoint, tiny_encoder):
+    clear_encoder_cache()  # other tests (the CLI's) may have cached their own encoder for this checkpoint
     ef = MMEmbedEmbeddingFunction(str(tiny_checkpoint), encoder=tiny_encoder, instruction="mscoco_t2i",
                                   batch_size=4)
     assert MMEmbedEmbeddingFunction.name() == "mmembed" and ef.default_space() == "cosine"

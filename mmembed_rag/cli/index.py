@@ -132,7 +132,10 @@ def _open(args: argparse.Namespace, location: StoreLocation, shard: Shard) -> Mu
     if shard.grouped:  # the first process creates the collection, the others open it
         collection = attempt() if shard.rank == 0 else None
         shard.barrier()
-        return collection or attempt()
+        collection = collection or attempt()
+        collection.check_model()  # every process reads before any writes (Chroma races a read on a new segment)
+        shard.barrier()
+        return collection
     for remaining in range(_OPEN_ATTEMPTS - 1, -1, -1):
         try:
             return attempt()

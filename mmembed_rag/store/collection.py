@@ -242,6 +242,14 @@ class MultimodalCollection:
                 bar.update(len(part))
         logger.info("upserted %d item(s) into %r in chunks of %d", len(records), self.collection.name, size)
 
+    def check_model(self) -> None:
+        """Raise :class:`DimensionMismatchError` if the stored vectors do not fit the model (read once, cached).
+
+        :meth:`add` checks this itself; processes that write one collection concurrently call it before any
+        of them writes, so no reader races a writer on a collection that is still being created.
+        """
+        self._check_dim(self.encoder.dim)
+
     def _stored_dim(self) -> int | None:
         if self._dim is None:
             sample = self.collection.get(limit=1, include=["embeddings"])
