@@ -26,7 +26,8 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +51,7 @@ from .synthetic import generate_benchmark, load_benchmark, load_text_benchmark
 from .train import train
 
 __all__ = ["Benchmark", "MiningOptions", "PipelineResult", "StageResult", "TinyModel", "TINY_STAGE_DEFAULTS",
-           "build_tiny_base", "run_pipeline", "stage_summary"]
+           "build_tiny_base", "report_from_dict", "run_pipeline", "stage_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +68,9 @@ _TINY_COMMON: dict[str, Any] = {"lora.enabled": False, "full_finetune": True, "b
                                 "gradient_cache_chunk_size": None, "temperature": 0.05, "warmup_steps": 20,
                                 "save_every": 0, "keep_checkpoints": 1, "max_length": 128, "log_every": 50}
 TINY_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "stage1": {**_TINY_COMMON, "learning_rate": 2e-3, "max_steps": 400, "num_negatives": 1},
-    "stage2": {**_TINY_COMMON, "learning_rate": 1e-3, "max_steps": 200, "num_negatives": 3},
-    "stage3": {**_TINY_COMMON, "learning_rate": 3e-4, "max_steps": 60, "num_negatives": 3, "warmup_steps": 5},
+    "stage1": {**_TINY_COMMON, "learning_rate": 5e-4, "max_steps": 600, "num_negatives": 1},
+    "stage2": {**_TINY_COMMON, "learning_rate": 3e-4, "max_steps": 200, "num_negatives": 3},
+    "stage3": {**_TINY_COMMON, "learning_rate": 1e-4, "max_steps": 60, "num_negatives": 3, "warmup_steps": 5},
 }
 
 
@@ -83,7 +84,7 @@ class TinyModel:
 
     hidden_size: int = 64
     layers: int = 2
-    vision_hidden: int = 32
+    vision_hidden: int = 64
     vision_layers: int = 3
     num_latents: int = 32
     latent_heads: int = 4
@@ -115,16 +116,16 @@ class MiningOptions:
 
 @dataclass
 class StageResult:
-    """One trained stage: where its model is, its evaluation, and whether it came from the cache."""
+    """One trained stage: its model, evaluation, arguments, training data files, and (first) training time."""
 
     name: str
     key: str
     model_dir: Path
     report: EvaluationReport
     cached: bool
-    train_seconds: float
-    train_cpu_seconds: float
     args: dict[str, Any]
+    data: dict[str, str]
+    train_time: dict[str, float]
 
     def summary(self) -> dict[str, Any]:
         """:func:`stage_summary` of this stage's report."""
@@ -254,7 +255,8 @@ def _write_marker(directory: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, directory / "stage.json")
 
 
-def _report_from_dict(data: Mapping[str, Any]) -> EvaluationReport:
+def report_from_dict(data: Mapping[str, Any]) -> EvaluationReport:
+    """The inverse of :meth:`EvaluationReport.to_dict` (what ``eval --json`` and ``stage.json`` hold)."""
     tasks = [TaskResult(**{**t, "recall": {int(k): v for k, v in t["recall"].items()}}) for t in data["tasks"]]
     return EvaluationReport(tasks, dict(data.get("text", {})))
 
@@ -273,35 +275,19 @@ def _local_negatives(dataset: MBEIRDataset, per_query: int, seed: int) -> list[M
     return out
 
 
-class _Clock:
-    """Wall and process-CPU seconds of named steps."""
-
-    def __init__(self) -> None:
-        self.timings: dict[str, dict[str, float]] = {}
-
-    def start(self) -> tuple[float, float]:
-        return time.perf_counter(), time.process_time()
-
-    def stop(self, name: str, started: tuple[float, float]) -> None:
-        self.timings[name] = {"wall": round(time.perf_counter() - started[0], 2),
-                              "cpu": round(time.process_time() - started[1], 2)}
-
-
 @dataclass
 class _Context:
-    """What every step of one run shares."""
+    """What every step of one run shares, and the wall/CPU seconds of the steps that ran."""
 
     workdir: Path
     data: Path
     data_key: str
-    base: Path
-    base_key: str
     tiny: bool
     seed: int
     show_progress: bool
     eval_batch_size: int
     test: MBEIRDataset
-    clock: _Clock
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def progress(self) -> bool | None:
@@ -311,22 +297,26 @@ class _Context:
         manifest = json.loads((self.data / "manifest.json").read_text())
         return self.data / (manifest["text"][split]["queries"] if kind == "text" else manifest["splits"][split][kind])
 
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.timings[name] = {"wall": round(time.perf_counter() - wall, 2), "cpu": round(time.process_time() - cpu, 2)}
+
 
 def _evaluated(ctx: _Context, directory: Path, marker: dict[str, Any], max_length: int) -> EvaluationReport:
     """The stage's evaluation on the test split, from its marker when the model and test data are unchanged."""
     eval_key = _hash("eval", marker["key"], ctx.data_key)
     if marker.get("eval_key") == eval_key:
-        return _report_from_dict(marker["report"])
-    started = ctx.clock.start()
-    encoder = Encoder.from_pretrained(directory / "model", max_length=max_length)
-    text, corpus = load_text_benchmark(ctx.data, "test")
-    report = evaluate(encoder, ctx.test, text, corpus, pools=("local", "global"), ks=(1, 5, 10),
-                      batch_size=ctx.eval_batch_size, cache_dir=ctx.workdir / "cache", model_key=marker["key"],
-                      show_progress=ctx.progress)
+        return report_from_dict(marker["report"])
+    with ctx.timed(f"{marker['name']}_eval"):
+        encoder = Encoder.from_pretrained(directory / "model", max_length=max_length)
+        report = evaluate(encoder, ctx.test, *load_text_benchmark(ctx.data, "test"), pools=("local", "global"),
+                          ks=(1, 5, 10), batch_size=ctx.eval_batch_size, cache_dir=ctx.workdir / "cache",
+                          model_key=marker["key"], show_progress=ctx.progress)
     (directory / "eval.md").write_text(report.to_markdown())
     marker.update(eval_key=eval_key, report=report.to_dict())
     _write_marker(directory, marker)
-    ctx.clock.stop(f"{marker['name']}_eval", started)
     return report
 
 
@@ -341,20 +331,18 @@ def _run_stage(ctx: _Context, name: str, init: Path, init_key: str, overrides: M
     args.output_dir = str(directory)
     marker, cached = _read_marker(directory, key), True
     if marker is None or not (directory / "model" / "config.json").is_file():
-        cached, started = False, ctx.clock.start()
+        cached = False
         logger.info("%s: training %d steps from %s (%s)", name, args.max_steps, init, directory)
-        dataset, sampler = training_data(args, **data)
-        train(args, dataset, sampler)
-        ctx.clock.stop(name, started)
+        with ctx.timed(name):
+            train(args, *training_data(args, **data))
         marker = {"key": key, "name": name, "init": str(init), "args": args.to_dict(),
-                  "data": {k: str(v) for k, v in data.items()}, "train_seconds": ctx.clock.timings[name]["wall"],
-                  "train_cpu_seconds": ctx.clock.timings[name]["cpu"]}
+                  "data": {k: str(v) for k, v in data.items()}, "train_time": ctx.timings[name]}
         _write_marker(directory, marker)
     else:
         logger.info("%s: cached (%s)", name, directory)
     report = _evaluated(ctx, directory, marker, args.max_length)
-    return StageResult(name, key, directory / "model", report, cached, marker["train_seconds"],
-                       marker["train_cpu_seconds"], marker["args"])
+    return StageResult(name, key, directory / "model", report, cached, marker["args"], marker["data"],
+                       marker["train_time"])
 
 
 def _mine(ctx: _Context, stage1: StageResult, options: MiningOptions, fallback: list[MBEIRQuery] | None,
@@ -365,18 +353,17 @@ def _mine(ctx: _Context, stage1: StageResult, options: MiningOptions, fallback: 
     queries = directory / "stage2_queries.jsonl"
     marker = _read_marker(directory, key)
     if marker is None or not queries.is_file():
-        started = ctx.clock.start()
         directory.mkdir(parents=True, exist_ok=True)
-        encoder = Encoder.from_pretrained(stage1.model_dir, max_length=stage1.args["max_length"])
-        result = mine_hard_negatives(encoder, train_set, output=directory / "train_hardneg.jsonl",
-                                     **asdict(options), seed=ctx.seed, batch_size=ctx.eval_batch_size,
-                                     cache_dir=ctx.workdir / "cache", model_key=stage1.key,
-                                     show_progress=ctx.progress)
+        with ctx.timed("mining"):
+            encoder = Encoder.from_pretrained(stage1.model_dir, max_length=stage1.args["max_length"])
+            result = mine_hard_negatives(encoder, train_set, output=directory / "train_hardneg.jsonl",
+                                         **asdict(options), seed=ctx.seed, batch_size=ctx.eval_batch_size,
+                                         cache_dir=ctx.workdir / "cache", model_key=stage1.key,
+                                         show_progress=ctx.progress)
         mined = result.dataset.queries
         if fallback is not None:  # a query with no mined negative keeps its stage-1 random ones
             mined = [m if m.neg_cand_list else f for m, f in zip(mined, fallback, strict=True)]
         train_set.write_queries(queries, mined)
-        ctx.clock.stop("mining", started)
         marker = {"key": key, "name": "mining", "options": asdict(options), "counts": result.counts,
                   "mined": str(result.path)}
         _write_marker(directory, marker)
@@ -417,7 +404,7 @@ def run_pipeline(workdir: str | os.PathLike, *, base_model: str | os.PathLike | 
                  data_dir: str | os.PathLike | None = None, stage1: Mapping[str, Any] | None = None,
                  stage2: Mapping[str, Any] | None = None, stage3: Mapping[str, Any] | None = None,
                  mining: MiningOptions = MiningOptions(), stage2_init: Literal["stage1", "base"] = "stage1",
-                 stage1_negatives: Literal["local", "global"] = "local", text_fraction: float = 0.5,
+                 stage1_negatives: Literal["local", "global"] = "local", text_fraction: float = 0.25,
                  tiny_model: TinyModel = TinyModel(), benchmark: Benchmark = Benchmark(), eval_batch_size: int = 32,
                  export_dtype: str | None = None, seed: int = 0, show_progress: bool = True) -> PipelineResult:
     """Run (or resume) the staged recipe in ``workdir``; cached steps are reused.
@@ -456,14 +443,13 @@ def run_pipeline(workdir: str | os.PathLike, *, base_model: str | os.PathLike | 
         raise ValueError(f"text_fraction must be in [0, 1], got {text_fraction}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    clock = _Clock()
-    started = clock.start()
+    wall, cpu = time.perf_counter(), time.process_time()
     data = _prepare_data(workdir, data_dir, benchmark)
     base, base_key = _prepare_base(workdir, base_model, tiny_model, seed)
-    ctx = _Context(workdir, data, _tree_fingerprint(data), base, base_key, base_model is None, seed, show_progress,
-                   eval_batch_size, load_benchmark(data, "test"), clock)
+    ctx = _Context(workdir, data, _tree_fingerprint(data), base_model is None, seed, show_progress, eval_batch_size,
+                   load_benchmark(data, "test"))
     train_set = load_benchmark(data, "train")
-    clock.stop("setup", started)
+    ctx.timings["setup"] = {"wall": round(time.perf_counter() - wall, 2), "cpu": round(time.process_time() - cpu, 2)}
     common = {"pool": ctx.file("train", "global_pool"), "instructions": data / "instructions/query_instructions.tsv",
               "image_root": data}
     fallback = None
@@ -487,8 +473,8 @@ def run_pipeline(workdir: str | os.PathLike, *, base_model: str | os.PathLike | 
     third = _run_stage(ctx, "stage3", second.model_dir, second.key, stage3,
                        {**common, "queries": mined, "text": ctx.file("train", "text"), "negatives": "auto"})
     stages = {"stage1": first, "stage2": second, "stage3": third}
-    final = _export(ctx, third, stages, export_dtype)
-    result = PipelineResult(workdir, data, base, stages, mining_record, final, clock.timings)
+    final = _export(ctx, base, stages, export_dtype)
+    result = PipelineResult(workdir, data, base, stages, mining_record, final, ctx.timings)
     (workdir / "pipeline_result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return result
 
@@ -505,13 +491,13 @@ def _text_mixing(train_set: MBEIRDataset, text_file: Path, fraction: float) -> d
     return {"text": 1.0, **dict.fromkeys(tasks, round(share, 4))}
 
 
-def _export(ctx: _Context, stage: StageResult, stages: dict[str, StageResult], dtype: str | None) -> Path:
+def _export(ctx: _Context, base: Path, stages: dict[str, StageResult], dtype: str | None) -> Path:
     """Write the stage's model to ``workdir/final-model`` with a model card of every stage's evaluation."""
+    stage = stages["stage3"]
     key = _hash("export", stage.key, dtype)
     final = ctx.workdir / "final-model"
     if _read_marker(final, key) is not None:
         return final
-    started = ctx.clock.start()
     shutil.rmtree(final, ignore_errors=True)
     encoder = Encoder.from_pretrained(stage.model_dir, device="cpu", dtype="float32",
                                       max_length=stage.args["max_length"])
@@ -522,8 +508,8 @@ def _export(ctx: _Context, stage: StageResult, stages: dict[str, StageResult], d
         rows.append(f"| {name} | {s['recall@5']:.3f} | {s['modality_accuracy']:.3f} | {s['multimodal_recall@5']:.3f} "
                     f"| {s['local_recall@5']:.3f} | {s['text_ndcg@10']:.3f} |")
     card = "\n".join(rows) + "\n\nFinal model, per task:\n\n" + stage.report.to_markdown()
-    export_model(encoder.model, encoder, final, dtype=dtype, base_model=ctx.base, metrics=card,
-                 training_args=stage.args, inplace=True)
+    with ctx.timed("export"):
+        export_model(encoder.model, encoder, final, dtype=dtype, base_model=base, metrics=card,
+                     training_args=stage.args, inplace=True)
     _write_marker(final, {"key": key, "name": "export", "from": str(stage.model_dir)})
-    ctx.clock.stop("export", started)
     return final
