@@ -189,6 +189,61 @@ class MLLMReranker:
         ids = self.prompts.query_ids(chosen, query_item) + self.prompts.candidate_ids(chosen, item)
         return self.tokenizer.decode(ids)
 
+    def answer_logits(self, queries: Sequence[Any], candidates: Sequence[Any],
+                      template: str | RerankTemplate | None = None) -> torch.Tensor:
+        """Next-token logits of the (yes, no) answer words for a batch of (query, candidate) pairs, differentiable.
+
+        The training-side view of :meth:`score`: the same items, templates, truncation, prompt ids, image
+        features and answer tokens, each pair as one full right-padded sequence (no shared cache, any mix of
+        queries), in one language-model call. ``torch.softmax(logits, -1)[:, 0]`` is :meth:`score`'s P("True")
+        to float rounding. Gradients flow unless the caller disables them; train/eval mode is the caller's.
+
+        Args:
+            queries: one query per pair (anything :func:`mmembed_rag.items.to_item` accepts).
+            candidates: one candidate per pair, as long as ``queries``.
+            template: overrides the reranker's template for this call.
+
+        Returns:
+            float32 tensor (n_pairs, 2): the logits of the yes word (column 0) and the no word (column 1).
+
+        Raises:
+            ValueError: ``queries`` and ``candidates`` differ in length or are empty.
+            InvalidItemError: a pair's query or candidate (named by pair index) is invalid or does not fit.
+            ImageLoadError: an image cannot be loaded (the message names the pair).
+
+        Example:
+            >>> logits = reranker.answer_logits(["a red square"] * 2, [{"img": "red.png"}, "a blue circle"])
+            >>> loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1]))  # 0: "True" is right
+        """
+        if len(queries) != len(candidates) or not len(queries):
+            raise ValueError(f"need as many queries as candidates (at least one), got {len(queries)} and "
+                             f"{len(candidates)}")
+        query_items, items, templates = [], [], []
+        for i, (query, candidate) in enumerate(zip(queries, candidates)):
+            try:
+                query_item, (item,) = self._items(query, [candidate])
+                templates.append(self._templates(query_item, [item], template)[0])
+            except InvalidItemError as exc:  # a one-candidate call names its candidate "candidate 0"
+                raise InvalidItemError(f"pair {i}: " + str(exc).replace("candidate 0:", "candidate:", 1)) from exc
+            query_items.append(query_item)
+            items.append(item)
+        flat = self._truncate(query_items + items)
+        rows, pixels, counts = [], [], []
+        for i, (tpl, query_item, item) in enumerate(zip(templates, flat[:len(items)], flat[len(items):])):
+            rows.append(self.prompts.query_ids(tpl, query_item) + self.prompts.candidate_ids(tpl, item))
+            images = [(it, f"pair {i} {side}") for it, side in ((query_item, "query"), (item, "candidate"))
+                      if it.image is not None]
+            pixels.extend(self._pixels(it, label) for it, label in images)  # query image first: prompt order
+            counts.append(len(images))
+        features = iter(self._image_features(pixels))
+        row_features = [torch.cat([next(features) for _ in range(n)]) if n else None for n in counts]
+        embeds, lengths = self._embed(rows, row_features)
+        mask = (torch.arange(embeds.shape[1], device=self.device) < lengths[:, None]).long()
+        hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                                 use_cache=False).last_hidden_state
+        last = hidden[torch.arange(len(rows), device=self.device), lengths - 1]
+        return self.model.lm_head(last).float()[:, list(self.answer_ids)]
+
     # -- inputs -----------------------------------------------------------------------------------------
 
     def _items(self, query: Any, candidates: Iterable[Any]) -> tuple[MultimodalItem, list[MultimodalItem]]:
