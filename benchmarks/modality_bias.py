@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                             help=f"{stage} recipe override (repeatable), e.g. max_steps=300")
     parser.add_argument("--stage2-init", choices=("stage1", "base"), default="stage1")
     parser.add_argument("--stage1-negatives", choices=("local", "global"), default="local")
-    parser.add_argument("--text-fraction", type=float, default=0.25)
+    parser.add_argument("--text-fraction", type=float, default=0.2)
     parser.add_argument("--c2-start", type=int, default=45)
     parser.add_argument("--hard-negatives", type=int, default=4, help="mined negatives per query")
     parser.add_argument("--seed", type=int, default=0)

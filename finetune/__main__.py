@@ -187,7 +187,7 @@ def _checkpoint_model(run: Path, checkpoint: str) -> tuple[Any, Any, dict[str, A
 
 
 def _pipeline(args: argparse.Namespace, _: list[str]) -> int:
-    from .pipeline import Benchmark, MiningOptions, run_pipeline
+    from .pipeline import Benchmark, MiningOptions, run_pipeline, summary_table
 
     result = run_pipeline(args.workdir, base_model=args.base_model, data_dir=args.data_dir,
                           stage1=_key_values(args.stage1), stage2=_key_values(args.stage2),
@@ -197,11 +197,7 @@ def _pipeline(args: argparse.Namespace, _: list[str]) -> int:
                                                num_negatives=args.num_negatives, num_c1=args.num_c1),
                           benchmark=Benchmark(n_train=args.n_train, n_test=args.n_test), seed=args.seed,
                           export_dtype=args.dtype, show_progress=not args.no_progress)
-    print("| stage | R@5 cross-modal (global) | modality acc. | R@5 all (global) | R@5 (local) | text nDCG@10 |")
-    print("|---|---|---|---|---|---|")
-    for name, s in result.summary().items():
-        print(f"| {name} | {s['recall@5']:.3f} | {s['modality_accuracy']:.3f} | {s['multimodal_recall@5']:.3f} | "
-              f"{s['local_recall@5']:.3f} | {s['text_ndcg@10']:.3f} |")
+    print(summary_table(result.summary()))
     if args.json is not None:
         args.json.write_text(json.dumps(result.to_dict(), indent=2, default=str))
     print(f"\nfinal model: {result.final_model}")
@@ -296,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"{stage} recipe override, repeatable (e.g. max_steps=300, lora.rank=4)")
     pipe.add_argument("--stage2-init", choices=("stage1", "base"), default="stage1")
     pipe.add_argument("--stage1-negatives", choices=("local", "global"), default="local")
-    pipe.add_argument("--text-fraction", type=float, default=0.25, help="share of stage-3 batches that are text")
+    pipe.add_argument("--text-fraction", type=float, default=0.2, help="share of stage-3 batches that are text")
     pipe.add_argument("--top-k", type=int, default=50)
     pipe.add_argument("--c2-start", type=int, default=45)
     pipe.add_argument("--num-negatives", type=int, default=4, help="mined negatives per query")

@@ -51,7 +51,8 @@ from .synthetic import generate_benchmark, load_benchmark, load_text_benchmark
 from .train import train
 
 __all__ = ["Benchmark", "MiningOptions", "PipelineResult", "StageResult", "TinyModel", "TINY_STAGE_DEFAULTS",
-           "build_tiny_base", "report_from_dict", "run_pipeline", "stage_summary"]
+           "build_tiny_base", "report_from_dict", "run_pipeline", "stage_summary",
+           "summary_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ _TINY_COMMON: dict[str, Any] = {"lora.enabled": False, "full_finetune": True, "b
 TINY_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "stage1": {**_TINY_COMMON, "learning_rate": 5e-4, "max_steps": 600, "num_negatives": 1},
     "stage2": {**_TINY_COMMON, "learning_rate": 3e-4, "max_steps": 200, "num_negatives": 3},
-    "stage3": {**_TINY_COMMON, "learning_rate": 1e-4, "max_steps": 60, "num_negatives": 3, "warmup_steps": 5},
+    "stage3": {**_TINY_COMMON, "learning_rate": 1e-4, "max_steps": 100, "num_negatives": 3, "warmup_steps": 5},
 }
 
 
@@ -104,7 +105,7 @@ class Benchmark:
 
 @dataclass(frozen=True)
 class MiningOptions:
-    """Hard negative mining settings (see :func:`~.mining.mine_hard_negatives`)."""
+    """Arguments of :func:`~.mining.mine_hard_negatives`: depths, negatives per query, strategy, pool."""
 
     top_k: int = 50
     c2_start: int = 45
@@ -157,11 +158,9 @@ class PipelineResult:
         return {name: stage.summary() for name, stage in self.stages.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        stages = {name: {"key": s.key, "model_dir": str(s.model_dir), "cached": s.cached, "args": s.args,
-                         "report": s.report.to_dict()} for name, s in self.stages.items()}
-        return {"workdir": str(self.workdir), "data_dir": str(self.data_dir), "base_model": str(self.base_model),
-                "final_model": str(self.final_model), "mining": self.mining, "timings": self.timings,
-                "summary": self.summary(), "stages": stages}
+        stages = {name: {**asdict(s), "report": s.report.to_dict()} for name, s in self.stages.items()}
+        paths = {k: str(getattr(self, k)) for k in ("workdir", "data_dir", "base_model", "final_model")}
+        return {**paths, "mining": self.mining, "timings": self.timings, "summary": self.summary(), "stages": stages}
 
 
 def stage_summary(report: EvaluationReport, k: int = 5) -> dict[str, Any]:
@@ -186,6 +185,15 @@ def stage_summary(report: EvaluationReport, k: int = 5) -> dict[str, Any]:
             f"multimodal_recall@{k}": mean(glob, "recall"),
             f"local_recall@{k}": mean([r for r in report.tasks if r.pool == "local"], "recall"),
             "text_ndcg@10": float(report.text.get("ndcg@10", float("nan"))), "per_task": per_task}
+
+
+def summary_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """A Markdown table of :func:`stage_summary` results, one row per stage."""
+    rows = ["| stage | R@5 cross-modal (global) | modality acc. | R@5 all (global) | R@5 (local) | text nDCG@10 |",
+            "|---|---|---|---|---|---|"]
+    rows += [f"| {name} | {s['recall@5']:.3f} | {s['modality_accuracy']:.3f} | {s['multimodal_recall@5']:.3f} | "
+             f"{s['local_recall@5']:.3f} | {s['text_ndcg@10']:.3f} |" for name, s in summaries.items()]
+    return "\n".join(rows)
 
 
 def _hash(*parts: Any) -> str:
@@ -243,9 +251,7 @@ def _key_args(args: TrainArguments) -> dict[str, Any]:
 
 def _read_marker(directory: Path, key: str) -> dict[str, Any] | None:
     marker = directory / "stage.json"
-    if not marker.is_file():
-        return None
-    data = json.loads(marker.read_text())
+    data = json.loads(marker.read_text()) if marker.is_file() else {}
     return data if data.get("key") == key else None
 
 
@@ -371,13 +377,10 @@ def _mine(ctx: _Context, stage1: StageResult, options: MiningOptions, fallback: 
 
 
 def _prepare_data(workdir: Path, data_dir: str | os.PathLike | None, benchmark: Benchmark) -> Path:
-    if data_dir is not None:
-        path = Path(data_dir)
-        if not (path / "manifest.json").is_file():
-            raise FileNotFoundError(f"{path}: no manifest.json; the pipeline reads the layout generate_benchmark "
-                                    "writes (python -m mmembed_rag.finetune synth --out DIR)")
-        return path
-    path = workdir / f"data-{_hash('data', asdict(benchmark))}"
+    path = Path(data_dir) if data_dir is not None else workdir / f"data-{_hash('data', asdict(benchmark))}"
+    if data_dir is not None and not (path / "manifest.json").is_file():
+        raise FileNotFoundError(f"{path}: no manifest.json; the pipeline reads the layout generate_benchmark "
+                                "writes (python -m mmembed_rag.finetune synth --out DIR)")
     if not (path / "manifest.json").is_file():  # written last: a complete benchmark
         logger.info("generating the synthetic benchmark in %s", path)
         generate_benchmark(path, **asdict(benchmark))
@@ -394,17 +397,15 @@ def _prepare_base(workdir: Path, base_model: str | os.PathLike | None, sizes: Ti
             build_tiny_base(path, sizes, seed)
             _write_marker(path, {"key": key, "name": "base", "sizes": asdict(sizes), "seed": seed})
         return path, key
-    path = Path(base_model)
-    if not path.is_dir():  # a hub id: the name is the best key there is
-        return path, _hash("base", str(base_model))
-    return path, _hash("base", str(path.resolve()), _tree_fingerprint(path))
+    path = Path(base_model)  # for a hub id the name is the best key there is
+    return path, _hash("base", str(path.resolve()), _tree_fingerprint(path)) if path.is_dir() else _hash("base", path)
 
 
 def run_pipeline(workdir: str | os.PathLike, *, base_model: str | os.PathLike | None = None,
                  data_dir: str | os.PathLike | None = None, stage1: Mapping[str, Any] | None = None,
                  stage2: Mapping[str, Any] | None = None, stage3: Mapping[str, Any] | None = None,
                  mining: MiningOptions = MiningOptions(), stage2_init: Literal["stage1", "base"] = "stage1",
-                 stage1_negatives: Literal["local", "global"] = "local", text_fraction: float = 0.25,
+                 stage1_negatives: Literal["local", "global"] = "local", text_fraction: float = 0.2,
                  tiny_model: TinyModel = TinyModel(), benchmark: Benchmark = Benchmark(), eval_batch_size: int = 32,
                  export_dtype: str | None = None, seed: int = 0, show_progress: bool = True) -> PipelineResult:
     """Run (or resume) the staged recipe in ``workdir``; cached steps are reused.
@@ -483,8 +484,6 @@ def _text_mixing(train_set: MBEIRDataset, text_file: Path, fraction: float) -> d
     """Per-task epoch shares (``task_mixing``) that make ``fraction`` of the stage-3 examples text pairs."""
     n_text = sum(1 for line in text_file.read_text(encoding="utf-8").splitlines() if line.strip())
     tasks = sorted(set(train_set.tasks))
-    if fraction >= 1.0:
-        return {"text": 1.0, **dict.fromkeys(tasks, 0.0)}
     if fraction <= 0.0:
         return {"text": 0.0}
     share = n_text * (1.0 - fraction) / (fraction * len(train_set.queries))
@@ -501,13 +500,8 @@ def _export(ctx: _Context, base: Path, stages: dict[str, StageResult], dtype: st
     shutil.rmtree(final, ignore_errors=True)
     encoder = Encoder.from_pretrained(stage.model_dir, device="cpu", dtype="float32",
                                       max_length=stage.args["max_length"])
-    rows = ["| stage | R@5 cross-modal (global) | modality acc. | R@5 all (global) | R@5 (local) | text nDCG@10 |",
-            "|---|---|---|---|---|---|"]
-    for name, result in stages.items():
-        s = result.summary()
-        rows.append(f"| {name} | {s['recall@5']:.3f} | {s['modality_accuracy']:.3f} | {s['multimodal_recall@5']:.3f} "
-                    f"| {s['local_recall@5']:.3f} | {s['text_ndcg@10']:.3f} |")
-    card = "\n".join(rows) + "\n\nFinal model, per task:\n\n" + stage.report.to_markdown()
+    card = summary_table({n: s.summary() for n, s in stages.items()}) + "\n\nFinal model, per task:\n\n" \
+        + stage.report.to_markdown()
     with ctx.timed("export"):
         export_model(encoder.model, encoder, final, dtype=dtype, base_model=base, metrics=card,
                      training_args=stage.args, inplace=True)

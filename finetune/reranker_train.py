@@ -1,4 +1,4 @@
-"""Fine-tuning the MLLM reranker: LoRA on its LLaVA-NeXT language model, "True"/"False" as the targets.
+"""Fine-tuning the MLLM reranker: LoRA (or every weight) of its LLaVA-NeXT model, "True"/"False" as targets.
 
 Beyond the paper, which uses the reranker zero-shot. Each training query contributes its positive (target
 "True") and ``num_negatives`` negatives (target "False"). With a bi-encoder the negatives are drawn from its
@@ -26,6 +26,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -50,9 +51,8 @@ from .mining import mine_hard_negatives
 
 _help = arguments._help  # the bi-encoder recipe's field helper and loop helpers, shared rather than copied
 
-__all__ = ["RerankerTrainArguments", "RerankBatch", "RerankCollator", "RerankLoss", "AnswerLogits",
-           "load_reranker_arguments", "reranker_examples", "build_reranker", "export_reranker", "train_reranker",
-           "main"]
+__all__ = ["AnswerLogits", "RerankBatch", "RerankCollator", "RerankLoss", "RerankerTrainArguments", "build_reranker",
+           "export_reranker", "load_reranker_arguments", "reranker_examples", "train_reranker", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,16 +119,11 @@ class RerankerTrainArguments:
     def rerank_template(self) -> str | RerankTemplate | None:
         """``template`` as :class:`MLLMReranker` takes it (a mapping becomes a :class:`RerankTemplate`)."""
         if isinstance(self.template, dict):
-            return RerankTemplate(**self.template, name=self.template.get("name", "custom"))
+            return RerankTemplate(**{"name": "custom", **self.template})
         return get_template(self.template) if self.template is not None else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @staticmethod
-    def describe() -> str:
-        """One line per key (dotted for nested ones) with its type, default and help."""
-        return "\n".join(f"  {key}: {text}" for key, text in arguments._keys(RerankerTrainArguments, "").items())
 
 
 def load_reranker_arguments(path: str | Path | None, overrides: Mapping[str, Any] | Sequence[str] | None = None
@@ -186,13 +181,8 @@ def reranker_examples(args: RerankerTrainArguments, dataset: MBEIRDataset, encod
 
 @dataclass
 class RerankBatch:
-    """(query, candidate) pairs of one step, grouped by query, each group's positive first.
-
-    Attributes:
-        queries, candidates: one entry per pair.
-        labels: per pair 0 when the answer is "True" (the candidate is relevant), 1 for "False".
-        groups: per pair the index of its query in the batch.
-    """
+    """(query, candidate) pairs of one step grouped by query, positive first; per pair a label (0: the answer
+    is "True", 1: "False") and the index of its query in the batch (``groups``)."""
 
     queries: list[MultimodalItem]
     candidates: list[MultimodalItem]
@@ -343,7 +333,9 @@ def train_reranker(args: RerankerTrainArguments, dataset: MBEIRDataset, encoder:
     examples = reranker_examples(args, dataset, encoder)
     if len(examples) < args.batch_size:
         raise ValueError(f"{len(examples)} training queries cannot fill one batch of batch_size={args.batch_size}")
-    accelerator = train._accelerator(args)
+    # DDP must tolerate unused parameters when the vision side trains: text-only batches leave it without gradients.
+    accelerator = train._accelerator(SimpleNamespace(mixed_precision=args.mixed_precision,
+                                                     full_finetune=args.full_finetune or args.train_projector))
     resume = train._checkpoint_to_resume(args, accelerator)
     out = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -399,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mmembed_rag.finetune.reranker_train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune an MLLM reranker (LLaVA-NeXT checkpoint) on M-BEIR data.",
-        epilog="recipe keys (YAML or --key value):\n" + RerankerTrainArguments.describe())
+        epilog="recipe keys (YAML or --key value):\n" + "\n".join(
+            f"  {key}: {text}" for key, text in arguments._keys(RerankerTrainArguments, "").items()))
     parser.add_argument("--config", type=Path, help="YAML recipe (finetune/recipes/reranker.yaml)")
     parser.add_argument("--queries", required=True, nargs="+", help="M-BEIR training queries jsonl")
     parser.add_argument("--pool", required=True, nargs="+", help="M-BEIR candidate pool jsonl")
