@@ -48,6 +48,18 @@ def clip_vision_config(hidden: int, layers: int, heads: int, intermediate: int, 
             "patch_size": patch_size, "projection_dim": hidden}
 
 
+def build_cpu_checkpoint(root: Path) -> Path:
+    """The ~100M-parameter random MM-Embed-format checkpoint of the CPU benchmarks (336 px images), float32."""
+    import torch
+
+    from mmembed_rag.testing import make_tiny_checkpoint
+
+    text = mistral_config(hidden=768, layers=8, heads=8, kv_heads=4, intermediate=2560, vocab=tiny_vocab())
+    vision = clip_vision_config(hidden=384, layers=6, heads=6, intermediate=1536, image_size=336, patch_size=14)
+    return make_tiny_checkpoint(root / "model", seed=0, dtype=torch.float32, image_size=336,
+                                text_config=text, vision_config=vision, max_shard_bytes=2**30)
+
+
 def random_text(rng: random.Random, words: int) -> str:
     """``words`` words drawn from :data:`WORDS`, capitalised, with a full stop every ~12 words."""
     out = []

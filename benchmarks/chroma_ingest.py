@@ -41,35 +41,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     add_output_args,
-    clip_vision_config,
+    build_cpu_checkpoint,
     emit,
     goal,
-    mistral_config,
     print_table,
     random_text,
     setup_logging,
     synthetic_image,
-    tiny_vocab,
 )
 
 from mmembed_rag import Encoder  # noqa: E402
 from mmembed_rag.items import MultimodalItem  # noqa: E402
 from mmembed_rag.store import MultimodalCollection  # noqa: E402
-from mmembed_rag.testing import make_tiny_checkpoint  # noqa: E402
 
 logger = logging.getLogger("chroma_ingest")
 
 # (short texts, long texts, images, text+image) items.
 CORPUS = {"default": (40, 8, 8, 8), "quick": (6, 2, 2, 2)}
 IMAGE_SIZES = [(640, 480), (1024, 768), (480, 640), (800, 800)]
-
-
-def build_checkpoint(root: Path) -> Path:
-    """The ~100M-parameter random checkpoint (same sizes as ``encode_pipeline.py``), float32."""
-    text = mistral_config(hidden=768, layers=8, heads=8, kv_heads=4, intermediate=2560, vocab=tiny_vocab())
-    vision = clip_vision_config(hidden=384, layers=6, heads=6, intermediate=1536, image_size=336, patch_size=14)
-    return make_tiny_checkpoint(root / "model", seed=0, dtype=torch.float32, image_size=336,
-                                text_config=text, vision_config=vision, max_shard_bytes=2**30)
 
 
 def build_corpus(root: Path, counts: tuple[int, int, int, int], seed: int = 0) -> list[MultimodalItem]:
@@ -159,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="chroma-ingest-") as tmp:
         root = Path(tmp)
-        model = build_checkpoint(root)
+        model = build_cpu_checkpoint(root)
         encoder = Encoder.from_pretrained(model, device="cpu", dtype="float32", max_length=1024)
         params = sum(p.numel() for p in encoder.model.parameters())
         items = build_corpus(root, CORPUS["quick" if quick else "default"])

@@ -50,20 +50,17 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     add_output_args,
-    clip_vision_config,
+    build_cpu_checkpoint,
     emit,
     goal,
-    mistral_config,
     print_table,
     random_text,
     setup_logging,
     synthetic_image,
-    tiny_vocab,
 )
 
 from mmembed_rag import Encoder  # noqa: E402
 from mmembed_rag.items import MultimodalItem, to_items  # noqa: E402
-from mmembed_rag.testing import make_tiny_checkpoint  # noqa: E402
 
 logger = logging.getLogger("encode_pipeline")
 
@@ -77,11 +74,7 @@ MAX_LENGTH = 1024  # text tokens per prompt; long texts stay under it, so nothin
 
 def build_encoder(root: Path) -> Encoder:
     """Write the ~100M-parameter random checkpoint under ``root`` and load it on CPU in float32."""
-    text = mistral_config(hidden=768, layers=8, heads=8, kv_heads=4, intermediate=2560, vocab=tiny_vocab())
-    vision = clip_vision_config(hidden=384, layers=6, heads=6, intermediate=1536, image_size=336, patch_size=14)
-    path = make_tiny_checkpoint(root / "model", seed=0, dtype=torch.float32, image_size=336,
-                                text_config=text, vision_config=vision, max_shard_bytes=2**30)
-    return Encoder.from_pretrained(path, device="cpu", dtype="float32", max_length=MAX_LENGTH)
+    return Encoder.from_pretrained(build_cpu_checkpoint(root), device="cpu", dtype="float32", max_length=MAX_LENGTH)
 
 
 def build_corpus(root: Path, counts: tuple[int, ...], seed: int = 0,
