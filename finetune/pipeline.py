@@ -61,10 +61,11 @@ VERSION = "pipeline-v1"  # bump when a step's behaviour changes, to invalidate e
 STAGES = ("stage1", "stage2", "stage3")
 CROSS_MODAL_TASKS = frozenset(t for t, (query, cand) in M_BEIR_TASKS.items() if query != cand)
 
-# What learns on the tiny random model within minutes of CPU (measured with benchmarks/modality_bias.py):
-# full fine-tuning (LoRA adapters on a randomly initialised decoder have nothing to adapt), a warm
-# learning rate and a softer temperature than the 7B recipes. Applied only when the pipeline builds
-# the tiny base itself; user overrides come on top.
+# What learns on the tiny random model within minutes of CPU (tuned with benchmarks/modality_bias.py):
+# full fine-tuning (LoRA adapters on a randomly initialised decoder have nothing to adapt); stage 1 at
+# 5e-4 (at 1e-3 and above, mixed-task batches collapsed every image to one embedding) takes off after
+# ~400 steps; stage 3 short and gentle, so text gains do not cost multimodal recall. Applied only when
+# the pipeline builds the tiny base itself; the caller's overrides come on top.
 _TINY_COMMON: dict[str, Any] = {"lora.enabled": False, "full_finetune": True, "batch_size": 32,
                                 "gradient_cache_chunk_size": None, "temperature": 0.05, "warmup_steps": 20,
                                 "save_every": 0, "keep_checkpoints": 1, "max_length": 128, "log_every": 50}
@@ -420,8 +421,8 @@ def run_pipeline(workdir: str | os.PathLike, *, base_model: str | os.PathLike | 
             (``{"max_steps": 100, "lora.rank": 4}``).
         mining: hard negative mining settings.
         stage2_init: ``"stage1"`` continues from the stage-1 model; ``"base"`` retrains the base model with
-            the mined negatives, as the MM-Embed paper does. On the tiny model within a few minutes of CPU,
-            continuing learns more (the base would start again from random weights).
+            the mined negatives, as the MM-Embed paper does. On the tiny random base that needs stage 1's
+            600 steps again (3x the CPU of continuing for 200) for a similar cross-modal gain.
         stage1_negatives: ``"local"``: random negatives from the query's own task pool (same modality, as
             M-BEIR's training negatives); ``"global"``: random candidates of the whole pool, any modality.
         text_fraction: share of stage-3 batches drawn from the text pairs (the rest: the multimodal tasks,

@@ -353,7 +353,7 @@ def train_reranker(args: RerankerTrainArguments, dataset: MBEIRDataset, encoder:
     loss_fn = RerankLoss(args.loss)
     global_batches = itertools.islice(train._global_batches(examples, None, args.batch_size, args.seed), start, None)
     batches = train._prefetch(train._local_batches(examples, global_batches, accelerator.process_index,
-                                       accelerator.num_processes, RerankCollator()))
+                                                   accelerator.num_processes, RerankCollator()))
     bar = tqdm(total=args.max_steps, initial=start, desc="reranker training", unit="step",
                disable=not (args.show_progress and accelerator.is_local_main_process))
     with bar:
