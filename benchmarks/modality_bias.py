@@ -1,15 +1,19 @@
 """Modality bias and its cure: the three-stage recipe on the synthetic benchmark, stage by stage.
 
 Runs :func:`mmembed_rag.finetune.pipeline.run_pipeline` with its defaults (a tiny random LLaVA-NeXT-shaped
-checkpoint, the generated M-BEIR-format benchmark: 8 tasks x 200 training queries, 50 test queries per
-task, a 1,150-candidate global test pool holding text, image and image+text candidates) and reports, per
-stage, on the test split:
+checkpoint; the generated M-BEIR-format benchmark: 8 tasks x 200 training queries (160 for NIGHTS), 50 test
+queries per task, a 1,150-candidate global test pool holding text, image and image+text candidates; stage-1
+random negatives from each task's own pool, so nothing in stage 1 teaches modality) and reports, per stage,
+on the test split:
 
 * ``recall@5`` and ``modality_accuracy``: global pool, mean over the cross-modal tasks (query and
   candidate modalities differ: t->i, t->(i,t), i->t, (i,t)->t, (i,t)->i);
 * ``multimodal_recall@5``: global pool, mean over all eight M-BEIR tasks;
 * ``text_ndcg@10``: the text-to-text set over its text-only pool;
 * ``per_task``: Recall@5 and modality accuracy of every task on the local and the global pool.
+
+A control (on by default, ``--no-control`` skips it) trains stage 2's steps from the same start with stage
+1's random negatives instead of the mined ones, to separate the hard negatives' effect from more steps.
 
 Claims checked:
 
