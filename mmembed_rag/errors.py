@@ -9,6 +9,7 @@ __all__ = [
     "ModelNotFoundError",
     "CheckpointError",
     "MissingDependencyError",
+    "DeviceError",
 ]
 
 
@@ -34,3 +35,7 @@ class CheckpointError(MMEmbedError, ValueError):
 
 class MissingDependencyError(MMEmbedError, ImportError):
     """An optional dependency is missing; the message names the extra to install."""
+
+
+class DeviceError(MMEmbedError, ValueError):
+    """An unsupported dtype, or a device this machine does not have."""

@@ -12,7 +12,11 @@ from PIL import Image
 from mmembed_rag import Encoder
 from mmembed_rag.testing import make_tiny_checkpoint
 
-REFERENCE = Path(__file__).parent / "fixtures" / "mmembed-tiny-reference"
+FIXTURES = Path(__file__).parent / "fixtures"
+REFERENCE = FIXTURES / "mmembed-tiny-reference"
+# Laid out as the release's code writes it: text_config from LLaVA-NeXT, the LM from NV-Embed-v1 (see its README).
+RELEASE = FIXTURES / "mmembed-release-layout"
+TOKENIZER_REFERENCE = FIXTURES / "mistral-tokenizer-reference"
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +38,16 @@ def reference_expected() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="session")
 def reference_encoder() -> Encoder:
     return Encoder.from_pretrained(REFERENCE, dtype="float32", device="cpu", max_length=512)
+
+
+@pytest.fixture(scope="session")
+def release_dir() -> Path:
+    return RELEASE
+
+
+@pytest.fixture(scope="session")
+def release_encoder() -> Encoder:
+    return Encoder.from_pretrained(RELEASE, dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmembed_rag.modeling.pooling import LastTokenPooling, LatentAttentionPooling, MeanPooling
@@ -35,3 +36,26 @@ def test_latent_attention_matches_a_hand_written_reference():
     h = feed_forward.fn.net[2](value * torch.nn.functional.gelu(gate)) + h
     expected = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
     torch.testing.assert_close(pool(hidden, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def _pass_through(pool: LatentAttentionPooling) -> LatentAttentionPooling:
+    """Zero both blocks' output layers: the residuals then hand the token states to the mean unchanged."""
+    attend, feed_forward = pool.cross_attend_blocks
+    with torch.no_grad():
+        attend.fn.to_out.weight.zero_()
+        feed_forward.fn.net[2].weight.zero_()
+        feed_forward.fn.net[2].bias.zero_()
+    return pool
+
+
+@pytest.mark.parametrize("pool", [MeanPooling(), _pass_through(LatentAttentionPooling(dim=16, num_latents=4, heads=2))])
+def test_the_mean_over_long_inputs_is_float32_like_the_release(pool):
+    # A bf16 running sum stops growing after a few hundred tokens; NV-Embed's mean promotes to float32.
+    torch.manual_seed(0)
+    hidden = (torch.rand(2, 3000, 16) + 1.0).bfloat16()
+    mask = torch.ones(2, 3000, dtype=torch.long)
+    mask[1, 2500:] = 0
+    out = pool.to(torch.bfloat16)(hidden, mask)
+    expected = torch.stack([hidden[0].float().mean(0), hidden[1, :2500].float().mean(0)])
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)

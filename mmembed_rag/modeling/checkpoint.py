@@ -18,20 +18,18 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import LlavaNextConfig
 
+from ..devices import resolve_device, resolve_dtype
 from ..errors import CheckpointError
 from .model import MMEmbedModel
+from .profiles import build_config, check_shapes, profile_for
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_model", "save_model", "read_config", "WEIGHTS_INDEX", "WEIGHTS_FILE"]
+__all__ = ["load_model", "save_model", "read_config", "no_split_modules", "WEIGHTS_INDEX", "WEIGHTS_FILE"]
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Latent-attention sizes the release took from NV-Embed-v1's config; only `heads` cannot be read off shapes.
-DEFAULT_LATENT_HEADS = 8
 
 _RELEASE_VISION = re.compile(r"^vision_tower\.vision_model\.")
 _NATIVE_VISION = re.compile(r"^vision_tower\.(?!vision_model\.)")
@@ -45,8 +43,8 @@ def _to_release(key: str) -> str:
     return _NATIVE_VISION.sub("vision_tower.vision_model.", key)
 
 
-def read_config(path: Path) -> tuple[LlavaNextConfig, dict[str, Any]]:
-    """Parse ``config.json`` into a LLaVA-NeXT config plus the raw dict (for MM-Embed's extra fields)."""
+def read_config(path: Path) -> dict[str, Any]:
+    """Parse ``config.json`` (the raw dict, with MM-Embed's extra fields) and check it is a LLaVA-NeXT config."""
     file = path / "config.json"
     try:
         raw = json.loads(file.read_text())
@@ -54,10 +52,11 @@ def read_config(path: Path) -> tuple[LlavaNextConfig, dict[str, Any]]:
         raise CheckpointError(f"{path}: no config.json; not a checkpoint directory") from err
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{file}: invalid JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("model_type") != "llava_next":
         raise CheckpointError(f"{file}: model_type is {raw.get('model_type')!r}, expected 'llava_next'")
-    fields = {k: v for k, v in raw.items() if k not in ("auto_map", "architectures", "transformers_version")}
-    return LlavaNextConfig(**fields), raw
+    return raw
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -86,8 +85,9 @@ def _read_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _pooling_from(raw: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> tuple[str, dict[str, int]]:
-    """Pooling kind from config (default: latent attention) and its sizes from the weight shapes."""
+def _pooling_from(raw: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+                  heads: int) -> tuple[str, dict[str, int]]:
+    """Pooling kind from config (default: latent attention), its sizes from the weight shapes and ``heads``."""
     kind = raw.get("pooling", "latent_attention")
     if kind != "latent_attention":
         return kind, {}
@@ -98,34 +98,47 @@ def _pooling_from(raw: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> tu
         ff_width, dim = shapes[prefix + "cross_attend_blocks.1.fn.net.0.weight"]
     except KeyError as err:
         raise CheckpointError(f"latent-attention weight {err.args[0]} missing from the checkpoint") from err
-    heads = int(raw.get("latent_attention_heads", DEFAULT_LATENT_HEADS))
     return kind, {"num_latents": num_latents, "heads": heads, "head_dim": inner // heads,
                   "ff_mult": ff_width // (2 * dim)}
 
 
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
-               device: str | torch.device | None = None) -> tuple[MMEmbedModel, dict[str, Any]]:
+               device: str | torch.device | None = None,
+               device_map: str | dict[str, Any] | None = None) -> tuple[MMEmbedModel, dict[str, Any]]:
     """Build the network for checkpoint directory ``path`` and load its weights strictly.
+
+    The language model's settings follow the checkpoint's profile (see :mod:`.profiles`); every tensor is
+    read straight onto its device in the target dtype, so a 16 GB checkpoint never sits on the CPU first.
 
     Args:
         path: a local directory in the released format.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or a torch dtype); default: float32.
-        device: where to put the weights (default CPU).
+        device: where to put the weights (default CPU); ignored with ``device_map``.
+        device_map: ``"auto"`` (or another accelerate strategy such as ``"balanced"``) or an explicit
+            ``{module prefix: device}`` map spreading the model over several devices.
 
     Returns:
         The model in eval mode and the raw config dict.
 
     Raises:
         CheckpointError: bad config, missing shards, missing or unexpected keys, shape mismatch.
+        DeviceError: unsupported dtype or unavailable device.
     """
     path = Path(path)
-    config, raw = read_config(path)
-    torch_dtype = _resolve_dtype(dtype)
+    raw = read_config(path)
+    torch_dtype = resolve_dtype(dtype)
+    target = resolve_device(device) if device is not None else torch.device("cpu")
     files = _weight_files(path)
     shapes = _read_shapes(files)
-    pooling, options = _pooling_from(raw, shapes)
+    embed = shapes.get("language_model.embed_tokens.weight")
+    if embed is None or len(embed) != 2:
+        raise CheckpointError(f"{path}: language_model.embed_tokens.weight missing or not 2-D ({embed})")
+    config = build_config(raw, embedding_rows=embed[0])
+    check_shapes(config, shapes)
+    profile = profile_for(raw)
+    pooling, options = _pooling_from(raw, shapes, profile.latent_heads)
     with init_empty_weights(include_buffers=False):
-        model = MMEmbedModel(config, pooling=pooling, pooling_options=options)
+        model = MMEmbedModel(config, pooling=pooling, pooling_options=options, id_map=profile.id_map)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
@@ -139,15 +152,52 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
         k = wrong[0]
         raise CheckpointError(f"{path}: {len(wrong)} weights have the wrong shape, e.g. {k}: "
                               f"checkpoint {shapes[k]}, model {tuple(expected[k].shape)}")
+    placement = _device_map(model, device_map, torch_dtype) if device_map is not None else {"": target}
     state: dict[str, torch.Tensor] = {}
-    target = torch.device(device) if device is not None else torch.device("cpu")
     for file in files:
-        with safe_open(str(file), framework="pt", device=str(target)) as handle:
+        with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
-                state[_to_native(key)] = handle.get_tensor(key).to(torch_dtype)
+                native = _to_native(key)
+                state[native] = handle.get_tensor(key).to(_placed(native, placement), torch_dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    model.to(device=target, dtype=torch_dtype)  # buffers (rotary, position ids) follow the weights
+    if device_map is None:
+        model.to(target)  # buffers (rotary frequencies stay float32, see MMEmbedModel._apply)
+    else:
+        from accelerate import dispatch_model
+
+        model = dispatch_model(model, device_map=placement)
     return model.eval(), raw
+
+
+def no_split_modules(model: MMEmbedModel) -> list[str]:
+    """Module classes a device map must keep whole: decoder and CLIP layers, and the pooling head."""
+    names = {type(model.latent_attention_model).__name__}
+    for tower in (model.language_model, model.vision_tower):
+        names |= set(getattr(tower, "_no_split_modules", None) or ())
+    return sorted(names)
+
+
+def _device_map(model: MMEmbedModel, device_map: str | dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    if isinstance(device_map, dict):
+        return device_map
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    memory = get_balanced_memory(model, dtype=dtype, no_split_module_classes=no_split_modules(model)) \
+        if device_map in ("auto", "balanced") else None
+    return infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split_modules(model),
+                                 dtype=dtype)
+
+
+def _placed(key: str, placement: dict[str, Any]) -> torch.device:
+    """Device of parameter ``key`` under a ``{module prefix: device}`` map (longest prefix wins)."""
+    best = max((p for p in placement if p == "" or key == p or key.startswith(p + ".")), key=len, default=None)
+    if best is None:
+        raise CheckpointError(f"device_map does not place weight {key}")
+    device = placement[best]
+    if device == "disk":
+        raise CheckpointError(f"device_map puts {key} on 'disk'; offloading is not supported, give more memory")
+    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
 
 
 def save_model(model: MMEmbedModel, path: str | os.PathLike, raw_config: dict[str, Any],
@@ -173,18 +223,6 @@ def save_model(model: MMEmbedModel, path: str | os.PathLike, raw_config: dict[st
              "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
     (path / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
     (path / "config.json").write_text(json.dumps(raw_config, indent=2, sort_keys=True))
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise CheckpointError(f"unsupported dtype {dtype}; use one of {', '.join(DTYPES)}")
-        return dtype
-    if dtype not in DTYPES:
-        raise CheckpointError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def _preview(keys: list[str], limit: int = 5) -> str:

@@ -7,6 +7,8 @@ vision tower prefix.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,13 +28,19 @@ class MMEmbedModel(nn.Module):
         config: a LLaVA-NeXT config (vision and text sub-configs, projector settings).
         pooling: ``"latent_attention"`` (MM-Embed), ``"mean"`` or ``"last_token"``.
         pooling_options: sizes for latent attention (``num_latents``, ``heads``, ``head_dim``, ``ff_mult``).
+        id_map: token ids replaced before the embedding lookup, e.g. the release's pad 32001 → EOS 2 (its
+            embedding has no row for LLaVA-NeXT's pad token).
+
+    Rotary frequencies stay float32 whatever dtype the model is cast to, as in the release (its cos/sin are
+    computed in float32 and cast to the activation dtype at the end).
     """
 
     def __init__(self, config: LlavaNextConfig, pooling: str = "latent_attention",
-                 pooling_options: dict | None = None) -> None:
+                 pooling_options: dict | None = None, id_map: Mapping[int, int] | None = None) -> None:
         super().__init__()
         self.config = config
         self.pooling = pooling
+        self.id_map = dict(id_map or {})
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = LlavaNextMultiModalProjector(config)
         hidden = config.text_config.hidden_size
@@ -43,6 +51,19 @@ class MMEmbedModel(nn.Module):
                 module.is_causal = False
         # Named as in the release; mean / last-token pooling have no parameters.
         self.latent_attention_model = build_pooling(pooling, hidden, pooling_options)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's signature
+        # .to(bfloat16) / .half() would round the rotary inverse frequencies (a bf16 frequency is off by radians
+        # at position 2,000); keep them float32 and only follow the device.
+        frequencies = {name: buf for name, buf in self.named_buffers() if name.rsplit(".", 1)[-1].endswith("inv_freq")}
+        super()._apply(fn, recurse)
+        for name, original in frequencies.items():
+            owner, _, attr = name.rpartition(".")
+            module = self.get_submodule(owner)
+            moved = getattr(module, attr)
+            if moved.dtype != original.dtype:
+                module.register_buffer(attr, original.to(moved.device), persistent=False)
+        return self
 
     @property
     def hidden_size(self) -> int:
@@ -75,7 +96,7 @@ class MMEmbedModel(nn.Module):
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]  # drop CLS
         features = self.multi_modal_projector(features)
-        newline = self.image_newline.to(features.dtype).expand(features.shape[0], 1, -1)
+        newline = self.image_newline.to(features.device, features.dtype).expand(features.shape[0], 1, -1)
         return torch.cat([features, newline], dim=1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor,
@@ -93,7 +114,10 @@ class MMEmbedModel(nn.Module):
         """
         image_slots = input_ids == self.image_token_index
         embed = self.language_model.get_input_embeddings()
-        inputs_embeds = embed(input_ids.masked_fill(image_slots, 0))
+        ids = input_ids.masked_fill(image_slots, 0)
+        for source, target in self.id_map.items():
+            ids = ids.masked_fill(ids == source, target)
+        inputs_embeds = embed(ids)
         if pixel_values is not None and pixel_values.shape[0] > 0:
             features = self.encode_images(pixel_values.to(inputs_embeds.dtype)).reshape(-1, inputs_embeds.shape[-1])
             if features.shape[0] != int(image_slots.sum()):

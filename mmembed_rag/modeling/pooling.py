@@ -10,8 +10,12 @@ __all__ = ["LatentAttentionPooling", "MeanPooling", "LastTokenPooling", "build_p
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden`` (b, n, d) over the positions where ``mask`` (b, n) is 1."""
-    mask = mask.to(hidden.dtype).unsqueeze(-1)
+    """Float32 mean of ``hidden`` (b, n, d) over the positions where ``mask`` (b, n) is 1.
+
+    Float32 whatever the hidden dtype, as NV-Embed's ``hiddens * mask.float()`` promotes: a bf16 running sum
+    stops growing after a few hundred tokens.
+    """
+    mask = mask.float().unsqueeze(-1)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
@@ -68,7 +72,7 @@ class _PreNorm(nn.Module):
 
 
 class LatentAttentionPooling(nn.Module):
-    """NV-Embed latent attention: cross-attend to trainable latents, GEGLU MLP, masked mean.
+    """NV-Embed latent attention: cross-attend to trainable latents, GEGLU MLP, masked mean (in float32).
 
     Both blocks are pre-norm with residuals on the un-normed token states; parameter names follow the
     released checkpoint (``latents``, ``cross_attend_blocks.{0,1}``).
@@ -93,8 +97,10 @@ class LatentAttentionPooling(nn.Module):
         latents = self.latents.unsqueeze(0).to(hidden.dtype)
         tokens = attend(tokens, context=latents) + tokens
         tokens = feed_forward(tokens) + tokens
-        sums = hidden.new_zeros(hidden.shape[0], hidden.shape[-1]).index_add(0, rows, tokens[0])
-        return sums / keep.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
+        # Float32 sums and mean, as the release's ``hiddens * mask.float()`` promotes (see masked_mean).
+        sums = hidden.new_zeros(hidden.shape[0], hidden.shape[-1], dtype=torch.float32)
+        sums = sums.index_add(0, rows, tokens[0].float())
+        return sums / keep.sum(dim=1, keepdim=True).clamp(min=1).float()
 
 
 class MeanPooling(nn.Module):

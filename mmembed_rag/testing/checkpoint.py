@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, trainers
-from transformers import LlavaNextConfig, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from ..modeling.checkpoint import save_model
 from ..modeling.model import MMEmbedModel
+from ..modeling.profiles import build_config, profile_for
 
 __all__ = ["make_tiny_checkpoint", "tiny_config"]
 
@@ -64,7 +65,7 @@ def _train_tokenizer(vocab_size: int) -> Tokenizer:
 def tiny_config(image_token_index: int, vocab_size: int, image_size: int = 56, patch_size: int = 14,
                 hidden_size: int = 64, layers: int = 2, vision_hidden: int = 32, vision_layers: int = 3,
                 **overrides: Any) -> dict[str, Any]:
-    """config.json contents with the release's fields and tiny sizes."""
+    """config.json contents with the release's fields and tiny sizes (text_config as LLaVA-NeXT's: rope theta 1e6)."""
     step = image_size
     config = {
         "add_eos_token": True,
@@ -82,7 +83,8 @@ def tiny_config(image_token_index: int, vocab_size: int, image_size: int = 56, p
         "text_config": {
             "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size, "max_position_embeddings": 4096,
             "model_type": "mistral", "num_attention_heads": 4, "num_hidden_layers": layers,
-            "num_key_value_heads": 2, "rms_norm_eps": 1e-05, "sliding_window": None, "vocab_size": vocab_size,
+            "num_key_value_heads": 2, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+            "vocab_size": vocab_size,
         },
         "tie_word_embeddings": False,
         "torch_dtype": "float16",
@@ -146,8 +148,11 @@ def make_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, vocab_size: int
     _patch_tokenizer_config(path)
     _processor_files(path, raw["vision_config"]["image_size"], raw["image_grid_pinpoints"])
     torch.manual_seed(seed)
-    config = LlavaNextConfig(**{k: v for k, v in raw.items() if k not in ("auto_map", "architectures")})
-    model = MMEmbedModel(config, pooling=raw.get("pooling", "latent_attention"))
+    # As the release's code builds it: with the NV-Embed-v1 retriever the language model follows that profile and
+    # its embedding has no rows for <image> and <pad> (text_config's padded vocab and rope theta are not what runs).
+    profile = profile_for(raw)
+    config = build_config(raw, embedding_rows=image_id if profile.name else model_vocab)
+    model = MMEmbedModel(config, pooling=raw.get("pooling", "latent_attention"), id_map=profile.id_map)
     save_model(model, path, raw, max_shard_bytes=max_shard_bytes, dtype=dtype)
     return path
 
