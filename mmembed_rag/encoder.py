@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .devices import default_dtype, resolve_device, resolve_dtype
 from .hub import resolve_checkpoint
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .instructions import resolve_instruction
@@ -28,6 +29,7 @@ from .modeling.checkpoint import load_model, save_model
 from .modeling.model import MMEmbedModel
 from .preprocessing import GlobalViewProcessor
 from .prompts import Prompt, PromptBuilder
+from .tokenization import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,11 @@ class Encoder:
         url_timeout: seconds to wait for an image URL.
         image_workers: threads that load and preprocess a batch's images in parallel (decoding large
             photos is the bottleneck in front of a GPU); 1 loads them serially.
+        release_compatible_images: convert images exactly as the release's image processor does (no EXIF
+            orientation, alpha dropped) instead of upright and composited on white; see :func:`load_image`.
+        prompt_tokenizer: tokenises prompts; default: built from ``tokenizer``'s backend.
+            :meth:`from_pretrained` reads the checkpoint's ``tokenizer.json`` verbatim instead, which is what
+            reproduces the release (transformers 5 rebuilds legacy Mistral tokenizers differently).
 
     Example:
         >>> enc = Encoder.from_pretrained("nvidia/MM-Embed", dtype="bfloat16", device="cuda")
@@ -77,13 +84,16 @@ class Encoder:
     def __init__(self, model: MMEmbedModel, tokenizer: PreTrainedTokenizerBase,
                  image_processor: GlobalViewProcessor, max_length: int = 4096, add_eos: bool = True,
                  max_image_pixels: int | None = DEFAULT_MAX_PIXELS, url_timeout: float = 10.0,
-                 image_workers: int = 4) -> None:
+                 image_workers: int = 4, release_compatible_images: bool = False,
+                 prompt_tokenizer: PromptTokenizer | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.prompts = PromptBuilder(tokenizer, model.image_token_index, max_length, add_eos)
+        tokens = prompt_tokenizer or PromptTokenizer.from_tokenizer(tokenizer)
+        self.prompts = PromptBuilder(tokens, model.image_token_index, max_length, add_eos)
         self.max_image_pixels = max_image_pixels
         self.url_timeout = url_timeout
+        self.release_compatible_images = release_compatible_images
         self.pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.raw_config: dict[str, Any] = {}
         self._image_pool = ThreadPoolExecutor(image_workers, "mmembed-image") if image_workers > 1 else None
@@ -99,35 +109,40 @@ class Encoder:
             name_or_path: hub id (``"nvidia/MM-Embed"``) or a local directory.
             device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available, else CPU.
             dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; default float32 on CPU, bfloat16 on CUDA.
-            device_map: ``"auto"`` spreads the model over all visible GPUs (needs accelerate).
+            device_map: ``"auto"`` spreads the model over all visible GPUs, each weight read straight onto
+                its device (decoder and CLIP layers kept whole); or an explicit ``{module: device}`` map.
             max_length: text tokens per prompt (the model card uses 4096).
             revision, local_files_only: passed to the hub download.
-            **kwargs: further :class:`Encoder` options (``max_image_pixels``, ``url_timeout``, ``add_eos``).
+            **kwargs: further :class:`Encoder` options (``max_image_pixels``, ``url_timeout``, ``add_eos``,
+                ``release_compatible_images``).
 
         Raises:
             ModelNotFoundError: no such directory and the hub cannot be reached.
             CheckpointError: the directory is not a valid checkpoint.
+            DeviceError: an unsupported dtype, or CUDA asked for where there is none.
         """
+        target = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, default=default_dtype(target))
         path = resolve_checkpoint(name_or_path, revision=revision, local_files_only=local_files_only)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype is None:
-            dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-        model, raw = load_model(path, dtype=dtype, device=None if device_map else device)
-        if device_map is not None:
-            model = _dispatch(model, device_map)
+        model, raw = load_model(path, dtype=torch_dtype, device=target, device_map=device_map)
+        tokens = PromptTokenizer.from_checkpoint(path)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         processor = GlobalViewProcessor.from_checkpoint(path, model.image_size)
         kwargs.setdefault("add_eos", bool(raw.get("add_eos_token", True)))
-        encoder = cls(model, tokenizer, processor, max_length=max_length, **kwargs)
+        encoder = cls(model, tokenizer, processor, max_length=max_length, prompt_tokenizer=tokens, **kwargs)
         encoder.raw_config = raw
         return encoder
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
-        """Write the model, tokenizer and image settings in the released format."""
+        """Write the model, tokenizer and image settings in the released format.
+
+        The tokenizer files are copied verbatim from the checkpoint the prompts were read from (re-saving
+        through transformers 5 would rewrite a legacy tokenizer.json in a form that tokenises differently).
+        """
         path = Path(path)
         save_model(self.model, path, self.raw_config, max_shard_bytes=max_shard_bytes)
-        self.tokenizer.save_pretrained(str(path))
+        if not self.prompts.tokens.copy_files(path):
+            self.tokenizer.save_pretrained(str(path))
         proc = self.image_processor
         preprocessor = json.loads((path / "preprocessor_config.json").read_text()) if (
             path / "preprocessor_config.json").is_file() else {}
@@ -236,17 +251,7 @@ class Encoder:
         return Batch(positions, input_ids, attention, pool, torch.stack(pixels) if pixels else None)
 
     def _pixels(self, item: MultimodalItem, index: int) -> torch.Tensor:
-        image = load_image(item.image, index=index, max_pixels=self.max_image_pixels, timeout=self.url_timeout)
+        image = load_image(item.image, index=index, max_pixels=self.max_image_pixels, timeout=self.url_timeout,
+                           release_compatible=self.release_compatible_images)
         return self.image_processor(image)
 
-
-def _dispatch(model: MMEmbedModel, device_map: str | dict) -> MMEmbedModel:
-    """Spread ``model`` over devices with accelerate, keeping each decoder layer whole."""
-    from accelerate import dispatch_model, infer_auto_device_map
-
-    if isinstance(device_map, str):
-        layer_classes = {type(layer).__name__ for layer in model.language_model.layers}
-        layer_classes |= {type(layer).__name__ for layer in model.vision_tower.vision_model.encoder.layers} \
-            if hasattr(model.vision_tower, "vision_model") else set()
-        device_map = infer_auto_device_map(model, no_split_module_classes=sorted(layer_classes))
-    return dispatch_model(model, device_map=device_map)

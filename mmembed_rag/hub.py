@@ -14,7 +14,8 @@ __all__ = ["resolve_checkpoint", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "nvidia/MM-Embed"
 # Everything a checkpoint needs, and nothing executable: the release's remote code is never fetched.
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+# chat_template.jinja: transformers 5 writes chat templates there; the reranker's prompts are built from it.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None,

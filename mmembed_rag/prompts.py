@@ -1,16 +1,15 @@
 """Prompt building and tokenisation exactly as the released model formats its inputs.
 
 Queries: ``Instruct: {instruction}\\nQuery: <image>\\n{text}``; documents: ``<image>\\n{text}``.
-Only the template places the image token: user text and instructions are tokenised with special-token
-matching off, so a literal ``<image>`` in them stays text.
+The ids are the release's tokenisation of the whole prompt string (see :mod:`mmembed_rag.tokenization`);
+only the template places the image token: a literal ``<image>`` in user text or an instruction stays text.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenizers import Tokenizer
-from transformers import PreTrainedTokenizerBase
+from .tokenization import Piece, PromptTokenizer
 
 __all__ = ["Prompt", "PromptBuilder"]
 
@@ -36,47 +35,42 @@ class PromptBuilder:
     """Turns (text, has_image, instruction) into token ids with the release's prompt and special tokens.
 
     Args:
-        tokenizer: the checkpoint's tokenizer (its fast backend is used with special-token matching off).
+        tokens: the checkpoint's prompt tokenizer (whole-prompt semantics of its ``tokenizer.json``).
         image_token_index: id placed where the image goes.
         max_length: cap on text tokens (BOS/EOS included) before the image is expanded.
         add_eos: append EOS, as the release's ``add_eos_token: true`` does.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_token_index: int, max_length: int,
+    def __init__(self, tokens: PromptTokenizer, image_token_index: int, max_length: int,
                  add_eos: bool = True) -> None:
-        if not getattr(tokenizer, "is_fast", False):
-            raise TypeError("PromptBuilder needs a fast (tokenizers-backed) tokenizer")
-        self._backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        self._backend.encode_special_tokens = True  # user text is data: "<image>" in it is text
-        self._prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        self._suffix = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+        if not isinstance(tokens, PromptTokenizer):
+            raise TypeError(f"PromptBuilder needs a PromptTokenizer, got {type(tokens).__name__}")
+        self.tokens = tokens
+        self._prefix = tokens.bos
+        self._suffix = [tokens.eos_id] if add_eos and tokens.eos_id is not None else []
         self.image_token_index = image_token_index
         if max_length <= len(self._prefix) + len(self._suffix):
             raise ValueError(f"max_length={max_length} leaves no room for text")
         self.max_length = max_length
 
-    def _encode(self, text: str) -> list[int]:
-        return self._backend.encode(text, add_special_tokens=False).ids if text else []
-
     def query(self, text: str | None, has_image: bool, instruction: str | None) -> Prompt:
         """Prompt of a query; the instruction span is masked out of pooling."""
-        head = f"Instruct: {instruction}\nQuery: " if instruction else "Query: "
+        head: list[Piece] = [("markup", "Instruct: "), ("text", instruction), ("markup", "\nQuery: ")] \
+            if instruction else [("markup", "Query: ")]
         masked = 0
         if instruction:
             # The release counts the instruction prefix tokenised on its own, with BOS and EOS.
-            masked = len(self._prefix) + len(self._encode(f"Instruct: {instruction}")) + len(self._suffix)
+            own = self.tokens.encode([("markup", "Instruct: "), ("text", instruction)])
+            masked = len(self._prefix) + len(own) + len(self._suffix)
         return self._build(head, text, has_image, masked)
 
     def document(self, text: str | None, has_image: bool) -> Prompt:
         """Prompt of a document (never an instruction)."""
-        return self._build("", text, has_image, 0)
+        return self._build([], text, has_image, 0)
 
-    def _build(self, head: str, text: str | None, has_image: bool, masked: int) -> Prompt:
-        text = text or ""
-        if has_image:
-            body = self._encode(head) + [self.image_token_index] + self._encode("\n" + text)
-        else:
-            body = self._encode(head + text)
+    def _build(self, head: list[Piece], text: str | None, has_image: bool, masked: int) -> Prompt:
+        image: list[Piece] = [("token", self.image_token_index), ("markup", "\n")] if has_image else []
+        body = self.tokens.encode([*head, *image, ("text", text or "")])
         room = self.max_length - len(self._prefix) - len(self._suffix)
         truncated = len(body) > room
         body = body[:room]

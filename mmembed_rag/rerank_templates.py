@@ -9,13 +9,11 @@ User text is data, never template syntax: the template is split on its slots onc
 inserted into the pieces (no ``str.format``, no Jinja), then tokenised with special-token matching off, so
 ``"<image>"`` or ``"{candidate_text}"`` inside a query or passage stays literal text.
 
-Tokenisation: the prompt is BOS, the chat wrapper's head, the query part, the candidate part and the
-chat wrapper's tail (the generation cue). Each run of text between image slots is tokenised on its own, as
-a *continuation* of the text before it: SentencePiece-style tokenizers (Llama, Mistral) prepend ``"▁"`` to
-every string they encode, so a run that does not start the prompt is encoded after a ``"\\n"`` anchor whose
-tokens are then dropped; trailing spaces of a run move to the start of the next (``"▁Query"``, not
-``"▁"`` + ``"Query"``). The query/candidate boundary is always a token boundary, which is what lets the
-cached and the naive computation see the same ids.
+Tokenisation goes through the one prompt helper (:mod:`mmembed_rag.tokenization`, the checkpoint's
+``tokenizer.json`` used verbatim): the query part is BOS, the chat wrapper's head and the query template
+tokenised as one prompt; the candidate part (candidate template, then the chat wrapper's tail, the
+generation cue) as its continuation. The query/candidate boundary is always a token boundary, which is what
+lets the cached and the naive computation see the same ids.
 
 Answer tokens: the score reads the logits of one token per answer word, the form the model would write
 right after the prompt -- ``" True"`` as a continuation (SentencePiece ``"▁True"``, byte-level BPE
@@ -31,11 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from .errors import MMEmbedError
 from .items import MultimodalItem
+from .tokenization import Piece, PromptTokenizer
 
 __all__ = [
     "PLAIN_WRAPPER",
@@ -196,7 +194,7 @@ class PromptEncoder:
     """Token ids of the query part and the candidate part of a rerank prompt.
 
     Args:
-        tokenizer: the checkpoint's fast tokenizer.
+        tokens: the checkpoint's prompt tokenizer (:class:`~mmembed_rag.tokenization.PromptTokenizer`).
         image_token_id: id repeated ``tokens_per_image`` times where an image goes.
         tokens_per_image: image feature vectors per image.
         max_length: each user text (the query's, each candidate's) is cut to this many tokens.
@@ -204,83 +202,44 @@ class PromptEncoder:
             checkpoint's own markup), unlike in templates and user text.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_token_id: int, tokens_per_image: int,
+    def __init__(self, tokens: PromptTokenizer, image_token_id: int, tokens_per_image: int,
                  max_length: int, wrapper: Sequence[str] = PLAIN_WRAPPER) -> None:
-        if not getattr(tokenizer, "is_fast", False):
-            raise TypeError("the reranker needs a fast (tokenizers-backed) tokenizer")
+        if not isinstance(tokens, PromptTokenizer):
+            raise TypeError(f"the reranker needs a PromptTokenizer, got {type(tokens).__name__}")
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
-        serialized = tokenizer.backend_tokenizer.to_str()
-        self._markup = Tokenizer.from_str(serialized)
-        self._data = Tokenizer.from_str(serialized)
-        self._data.encode_special_tokens = True  # user text and templates are data: "<image>" stays text
-        self._anchor = self._data.encode("\n", add_special_tokens=False).ids
-        self._bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.tokens = tokens
         self.head, self.tail = wrapper
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
         self.max_length = max_length
 
-    def _encode(self, backend: Tokenizer, text: str, at_start: bool) -> list[int]:
-        if not text:
-            return []
-        if at_start:
-            return backend.encode(text, add_special_tokens=False).ids
-        ids = backend.encode("\n" + text, add_special_tokens=False).ids
-        if ids[:len(self._anchor)] == self._anchor:
-            return ids[len(self._anchor):]
-        # The anchor merged with the text (byte-level BPE: "\n\n" is one token); such tokenizers add no
-        # prefix space, so encoding the text on its own is the continuation.
-        return backend.encode(text, add_special_tokens=False).ids
-
     def truncate(self, text: str | None) -> tuple[str | None, bool]:
         """Cut ``text`` to ``max_length`` tokens (at a token boundary); returns (text, was_cut)."""
         if not text:
             return text, False
-        encoding = self._data.encode(text, add_special_tokens=False)
-        if len(encoding.ids) <= self.max_length:
-            return text, False
-        return text[:encoding.offsets[self.max_length - 1][1]], True
+        return self.tokens.truncate(text, self.max_length)
 
-    def _part(self, pieces: tuple[tuple[str, str], ...], text: str | None, has_image: bool, head: str = "",
-              tail: str = "", at_start: bool = False) -> list[int]:
-        ids: list[int] = []
-        run = ""
-        carried = ""  # trailing spaces moved to the next text run: "▁Query", not "▁" + "Query"
-
-        def flush(backend: Tokenizer, chunk: str, keep_spaces: bool) -> None:
-            nonlocal at_start, carried
-            chunk, carried = carried + chunk, ""
-            if not keep_spaces:
-                body = chunk.rstrip(" ")
-                chunk, carried = body, chunk[len(body):]
-            if chunk:
-                ids.extend(self._encode(backend, chunk, at_start))
-                at_start = False
-
-        flush(self._markup, head, keep_spaces=False)
+    def _pieces(self, pieces: tuple[tuple[str, str], ...], item: MultimodalItem) -> list[Piece]:
+        out: list[Piece] = []
         for kind, value in pieces:
             if kind == "text":
-                run += value
+                out.append(("text", value))  # template text is data too: no special tokens in it
             elif value.endswith("_text"):
-                run += text or ""
-            elif has_image:
-                flush(self._data, run, keep_spaces=True)
-                run = ""
-                ids.extend([self.image_token_id] * self.tokens_per_image)
-                at_start = False
-        flush(self._data, run, keep_spaces=not tail)
-        flush(self._markup, tail, keep_spaces=True)  # the part ends here: nothing is carried over its end
-        return ids
+                out.append(("text", item.text or ""))
+            elif item.image is not None:
+                out.extend([("token", self.image_token_id)] * self.tokens_per_image)
+        return out
 
     def query_ids(self, template: RerankTemplate, item: MultimodalItem) -> list[int]:
         """BOS, chat head and the query part (text already truncated by the caller)."""
-        return self._bos + self._part(template.query_pieces, item.text, item.image is not None,
-                                      head=self.head, at_start=True)
+        pieces = [("markup", self.head), *self._pieces(template.query_pieces, item)]
+        return self.tokens.bos + self.tokens.encode(pieces, at_start=True)
 
     def candidate_ids(self, template: RerankTemplate, item: MultimodalItem) -> list[int]:
-        """The candidate part, the question and the chat tail (the generation cue)."""
-        return self._part(template.candidate_pieces, item.text, item.image is not None, tail=self.tail)
+        """The candidate part, the question and the chat tail (the generation cue), as a continuation."""
+        pieces = [*self._pieces(template.candidate_pieces, item), ("markup", self.tail)]
+        return self.tokens.encode(pieces, at_start=False)
 
     def answer_token_id(self, word: str) -> int:
         """The single token the model would emit for ``word`` right after the prompt.
@@ -294,7 +253,7 @@ class PromptEncoder:
         if not word:
             raise ValueError("answer words must be non-empty")
         for form in (" " + word, word):
-            ids = self._encode(self._data, form, at_start=False)
+            ids = self.tokens.encode_text(form, at_start=False)
             if len(ids) == 1:
                 return ids[0]
         raise ValueError(f"the tokenizer has no single token for {word!r} or {' ' + word!r}; "

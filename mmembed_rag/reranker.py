@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, DynamicCache, LlavaNextForConditionalGeneration, PreTrainedTokenizerBase
 
+from .devices import default_dtype, resolve_device, resolve_dtype
 from .errors import CheckpointError, ImageLoadError, InvalidItemError
 from .hub import resolve_checkpoint
 from .images import DEFAULT_MAX_PIXELS, load_image
@@ -42,6 +43,7 @@ from .rerank_templates import (
     select_template,
 )
 from .results import RankedItem
+from .tokenization import PromptTokenizer
 
 __all__ = ["MLLMReranker", "RerankTemplate", "TemplateError", "combine_scores"]
 
@@ -64,6 +66,8 @@ class MLLMReranker:
         answer_tokens: the (yes, no) words; each must be one token, preferably in its leading-space form.
         max_image_pixels: decompression-bomb bound for image loading (``None`` disables it).
         url_timeout: seconds to wait for an image URL.
+        prompt_tokenizer: tokenises prompts; default: built from ``tokenizer``'s backend (:meth:`from_pretrained`
+            reads the checkpoint's ``tokenizer.json`` verbatim instead).
 
     Example:
         >>> reranker = MLLMReranker.from_pretrained("llava-hf/llava-v1.6-mistral-7b-hf", dtype="bfloat16")
@@ -75,7 +79,8 @@ class MLLMReranker:
                  image_processor: GlobalViewProcessor, template: str | RerankTemplate | None = None,
                  max_length: int = 512, chat_wrapper: Sequence[str] | None = None,
                  answer_tokens: tuple[str, str] = ("True", "False"),
-                 max_image_pixels: int | None = DEFAULT_MAX_PIXELS, url_timeout: float = 10.0) -> None:
+                 max_image_pixels: int | None = DEFAULT_MAX_PIXELS, url_timeout: float = 10.0,
+                 prompt_tokenizer: PromptTokenizer | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -84,7 +89,8 @@ class MLLMReranker:
         vision = config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
         self.tokens_per_image = patches + (config.vision_feature_select_strategy == "full") + 1  # + image_newline
-        self.prompts = PromptEncoder(tokenizer, config.image_token_id, self.tokens_per_image, max_length,
+        tokens = prompt_tokenizer or PromptTokenizer.from_tokenizer(tokenizer)
+        self.prompts = PromptEncoder(tokens, config.image_token_id, self.tokens_per_image, max_length,
                                      tuple(chat_wrapper) if chat_wrapper is not None else PLAIN_WRAPPER)
         self.answer_ids = (self.prompts.answer_token_id(answer_tokens[0]),
                            self.prompts.answer_token_id(answer_tokens[1]))
@@ -96,7 +102,8 @@ class MLLMReranker:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | None = None,
-                        dtype: str | torch.dtype | None = None, template: str | RerankTemplate | None = None,
+                        dtype: str | torch.dtype | None = None, device_map: str | dict | None = None,
+                        template: str | RerankTemplate | None = None,
                         max_length: int = 512, use_chat_template: bool = True, revision: str | None = None,
                         local_files_only: bool = False, **kwargs: Any) -> MLLMReranker:
         """Load a LLaVA-NeXT generative checkpoint (safetensors; no remote code is ever run).
@@ -105,6 +112,8 @@ class MLLMReranker:
             name_or_path: hub id (e.g. ``"llava-hf/llava-v1.6-mistral-7b-hf"``) or a local directory.
             device: ``"cpu"``, ``"cuda"``...; default CUDA when available, else CPU.
             dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; default float32 on CPU, bfloat16 on CUDA.
+            device_map: ``"auto"`` (or an explicit map) spreads the model over the visible GPUs; without it the
+                weights are read straight onto ``device``.
             template: see the class docstring.
             max_length: tokens per user text.
             use_chat_template: wrap prompts in the checkpoint's chat template when it has one.
@@ -114,24 +123,24 @@ class MLLMReranker:
         Raises:
             ModelNotFoundError: no such directory and the hub cannot be reached.
             CheckpointError: not a LLaVA-NeXT generative checkpoint, no safetensors, or weights missing.
+            DeviceError: an unsupported dtype, or CUDA asked for where there is none.
         """
+        target = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, default=default_dtype(target))
         path = resolve_checkpoint(name_or_path, revision=revision, local_files_only=local_files_only)
         _check_checkpoint(path)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype is None:
-            dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        tokens = PromptTokenizer.from_checkpoint(path)
         model, info = LlavaNextForConditionalGeneration.from_pretrained(
-            str(path), dtype=torch_dtype, use_safetensors=True, output_loading_info=True)
+            str(path), dtype=torch_dtype, use_safetensors=True, output_loading_info=True,
+            device_map=device_map if device_map is not None else target)
         if info["missing_keys"]:
             raise CheckpointError(f"{path}: weights missing from the checkpoint: {sorted(info['missing_keys'])[:5]}")
-        model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         processor = GlobalViewProcessor.from_checkpoint(path, model.config.vision_config.image_size)
         if use_chat_template and "chat_wrapper" not in kwargs:
             kwargs["chat_wrapper"] = chat_wrapper(tokenizer, path)
-        return cls(model, tokenizer, processor, template=template, max_length=max_length, **kwargs)
+        return cls(model, tokenizer, processor, template=template, max_length=max_length, prompt_tokenizer=tokens,
+                   **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -298,7 +307,7 @@ class MLLMReranker:
         if config.vision_feature_select_strategy == "default":
             features = features[:, 1:]  # drop CLS
         features = inner.multi_modal_projector(features)
-        newline = inner.image_newline.to(features.dtype).expand(features.shape[0], 1, -1)
+        newline = inner.image_newline.to(features.device, features.dtype).expand(features.shape[0], 1, -1)
         return list(torch.cat([features, newline], dim=1))
 
     def _embed(self, rows: list[list[int]], features: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:

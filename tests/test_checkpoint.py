@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mmembed_rag import CheckpointError, Encoder
+from mmembed_rag.errors import DeviceError
 from mmembed_rag.modeling.checkpoint import load_model
 from mmembed_rag.testing import make_tiny_checkpoint
 
@@ -25,6 +27,14 @@ def _keys(path: Path) -> set[str]:
     return keys
 
 
+def _shape(path: Path, key: str) -> tuple[int, ...]:
+    for shard in path.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            if key in handle.keys():
+                return tuple(handle.get_slice(key).get_shape())
+    raise KeyError(key)
+
+
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     for f in dst.iterdir():
@@ -32,13 +42,26 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_factory_writes_the_released_layout(tiny_checkpoint, reference_dir):
-    assert _keys(tiny_checkpoint) == _keys(reference_dir)
+def _key_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key names with layer indices folded, and the number of dimensions of each."""
+    out = {}
+    for shard in path.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in handle.keys():
+                out[re.sub(r"\.\d+\.", ".N.", key)] = len(handle.get_slice(key).get_shape())
+    return out
+
+
+def test_factory_writes_the_released_layout(tiny_checkpoint, release_dir):
+    assert _key_shapes(tiny_checkpoint) == _key_shapes(release_dir)
     ours = json.loads((tiny_checkpoint / "config.json").read_text())
-    release = json.loads((reference_dir / "config.json").read_text())
+    release = json.loads((release_dir / "config.json").read_text())
     assert set(ours) == set(release)
     assert set(ours["text_config"]) == set(release["text_config"])
     assert set(ours["vision_config"]) == set(release["vision_config"])
+    # As the release's code writes it: the embedding has no rows for <image> and <pad>, text_config says more.
+    rows = _shape(tiny_checkpoint, "language_model.embed_tokens.weight")[0]
+    assert rows == ours["image_token_index"] < ours["text_config"]["vocab_size"]
     for name in ("preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
                  "model.safetensors.index.json"):
         assert (tiny_checkpoint / name).is_file(), name
@@ -105,7 +128,7 @@ def test_unexpected_key_is_an_error(tiny_checkpoint, tmp_path):
 def test_wrong_shape_is_an_error(tiny_checkpoint, tmp_path):
     ckpt = _copy(tiny_checkpoint, tmp_path / "ckpt")
     config = json.loads((ckpt / "config.json").read_text())
-    config["text_config"]["intermediate_size"] = 96
+    config["vision_config"]["intermediate_size"] = 96
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"wrong shape.*mlp"):
         load_model(ckpt)
@@ -141,8 +164,16 @@ def test_no_config_and_bad_config(tmp_path, tiny_checkpoint):
 
 
 def test_unsupported_dtype(tiny_checkpoint):
-    with pytest.raises(CheckpointError, match="unsupported dtype 'int8'"):
+    with pytest.raises(DeviceError, match="unsupported dtype 'int8'; use one of float32, bfloat16, float16"):
         load_model(tiny_checkpoint, dtype="int8")
+    with pytest.raises(DeviceError, match="unsupported dtype torch.int8"):
+        Encoder.from_pretrained(tiny_checkpoint, dtype=torch.int8, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_cuda_device_says_so(tiny_checkpoint):
+    with pytest.raises(DeviceError, match="this machine has no CUDA device"):
+        Encoder.from_pretrained(tiny_checkpoint, device="cuda")
 
 
 def test_single_file_checkpoint_loads(tiny_encoder, tmp_path):
@@ -172,3 +203,102 @@ def test_other_llava_next_backbone(tmp_path):
     assert type(encoder.model.language_model).__name__ == "LlamaModel"
     out = encoder.encode_documents(["a", {"img": __import__("PIL.Image").Image.new("RGB", (9, 9))}])
     assert out.shape == (2, 48)
+
+
+# -- checkpoint profiles (the release builds its LM from NV-Embed-v1's config, not text_config) -------------------
+
+
+def _edit_config(src: Path, dst: Path, edit) -> Path:
+    _copy(src, dst)
+    raw = json.loads((dst / "config.json").read_text())
+    edit(raw)
+    (dst / "config.json").write_text(json.dumps(raw))
+    return dst
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("hidden_size", 128, "text_config.hidden_size gives 128 but language_model.embed_tokens.weight"),
+    ("intermediate_size", 100, "text_config.intermediate_size gives 100 but language_model.layers.0.mlp.gate_proj"),
+    ("num_attention_heads", 8, "text_config.num_key_value_heads × head_dim (head_dim 8: text_config.head_dim, else "
+     "hidden_size / num_attention_heads) gives 16 but"),
+    ("num_key_value_heads", 4, "num_key_value_heads × head_dim (head_dim 16: text_config.head_dim, else hidden_size "
+     "/ num_attention_heads) gives 64 but language_model.layers.0.self_attn.k_proj.weight has shape (32, 64)"),
+    ("num_hidden_layers", 3, "text_config.num_hidden_layers is 3 but the weights have 2 language-model layers"),
+])
+def test_config_and_weights_that_no_profile_explains_name_the_field(release_dir, tmp_path, field, value, message):
+    bad = _edit_config(release_dir, tmp_path / "bad", lambda raw: raw["text_config"].update({field: value}))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_model(bad)
+
+
+def test_unknown_retriever_is_refused_not_fetched(release_dir, tmp_path):
+    bad = _edit_config(release_dir, tmp_path / "bad", lambda raw: raw.update(retriever="someone/Other-Embed"))
+    with pytest.raises(CheckpointError, match="retriever 'someone/Other-Embed' is not a known checkpoint profile"):
+        load_model(bad)
+
+
+def test_nv_embed_profile_overrides_text_config(release_encoder):
+    text = release_encoder.model.language_model.config
+    assert (text.vocab_size, text.rope_parameters["rope_theta"], text.sliding_window) == (32000, 10000.0, None)
+    assert release_encoder.model.latent_attention_model.cross_attend_blocks[0].fn.heads == 8
+
+
+def test_without_a_retriever_text_config_is_what_runs(release_dir, tmp_path):
+    plain = _edit_config(release_dir, tmp_path / "plain", lambda raw: raw.pop("retriever"))
+    model, _ = load_model(plain)
+    assert model.language_model.config.rope_parameters["rope_theta"] == 1e6
+    assert model.language_model.config.vocab_size == 32000  # rows always come from the weights
+
+
+def test_pad_id_is_embedded_as_eos_like_the_release(release_encoder):
+    model = release_encoder.model
+    eos, pad = torch.tensor([[1, 415, 2, 2]]), torch.tensor([[1, 415, 32001, 32001]])
+    mask = torch.ones_like(eos)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(pad, mask, mask), model(eos, mask, mask), atol=0, rtol=0)
+
+
+def test_export_writes_the_release_layout_and_loads_back_identically(release_encoder, release_dir, tmp_path):
+    docs = ["  indented text", {"img": str(release_dir / "input_0.png"), "txt": "\nstarts with a newline"}]
+    before = release_encoder.encode_documents(docs)
+    release_encoder.save_pretrained(tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "config.json").read_text()) == \
+        json.loads((release_dir / "config.json").read_text())
+    assert _shape(tmp_path / "export", "language_model.embed_tokens.weight") == (32000, 64)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "export" / name).read_bytes() == (release_dir / name).read_bytes(), name
+    again = Encoder.from_pretrained(tmp_path / "export", dtype="float32", device="cpu")
+    np.testing.assert_array_equal(again.encode_documents(docs), before)
+
+
+# -- dtypes ---------------------------------------------------------------------------------------------------
+
+
+def _frequencies(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: buf for name, buf in model.named_buffers() if name.endswith("inv_freq")}
+
+
+def test_rotary_frequencies_stay_float32_in_bfloat16(release_dir):
+    reference = _frequencies(load_model(release_dir, dtype="float32")[0])
+    model, _ = load_model(release_dir, dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    for casted in (model, model.to(torch.float16), model.half().bfloat16()):
+        frequencies = _frequencies(casted)
+        assert frequencies and set(frequencies) == set(reference)
+        for name, buf in frequencies.items():
+            assert buf.dtype == torch.float32, name
+            torch.testing.assert_close(buf, reference[name], atol=0, rtol=0)
+
+
+def test_no_split_modules_keep_decoder_clip_layers_and_pooling_whole(release_encoder):
+    from mmembed_rag.modeling.checkpoint import no_split_modules
+
+    names = no_split_modules(release_encoder.model)
+    assert {"MistralDecoderLayer", "CLIPEncoderLayer", "LatentAttentionPooling"} <= set(names)
+
+
+def test_device_map_loads_and_embeds_identically(release_dir, release_encoder):
+    docs = ["a red bus", {"img": str(release_dir / "input_1.png")}]
+    for device_map in ("auto", {"": "cpu"}):
+        spread = Encoder.from_pretrained(release_dir, dtype="float32", device_map=device_map)
+        np.testing.assert_allclose(spread.encode_documents(docs), release_encoder.encode_documents(docs), atol=1e-6)

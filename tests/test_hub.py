@@ -38,3 +38,15 @@ def test_missing_local_path(name):
 
 def test_local_directory_is_used_as_is(tiny_checkpoint):
     assert resolve_checkpoint(tiny_checkpoint) == tiny_checkpoint
+
+
+def test_hub_download_fetches_the_chat_template_but_no_code():
+    from fnmatch import fnmatch
+
+    from mmembed_rag.hub import ALLOW_PATTERNS
+
+    def fetched(name: str) -> bool:
+        return any(fnmatch(name, pattern) for pattern in ALLOW_PATTERNS)
+
+    assert fetched("chat_template.jinja") and fetched("tokenizer.json") and fetched("model-00001-of-00004.safetensors")
+    assert not fetched("modeling_nvmmembed.py") and not fetched("pytorch_model.bin")

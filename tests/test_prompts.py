@@ -49,17 +49,17 @@ def test_instruction_mask_counts_bos_prefix_and_eos(builder, raw):
 
 
 def test_truncation_keeps_bos_and_eos(reference_encoder):
-    short = PromptBuilder(reference_encoder.tokenizer, 32000, max_length=8)
+    short = PromptBuilder(reference_encoder.prompts.tokens, 32000, max_length=8)
     prompt = short.document("word " * 50, False)
     assert len(prompt.ids) == 8 and prompt.ids[0] == 1 and prompt.ids[-1] == 2 and prompt.truncated
 
 
 def test_instruction_longer_than_max_length_drops_the_image(reference_encoder):
-    short = PromptBuilder(reference_encoder.tokenizer, 32000, max_length=8)
+    short = PromptBuilder(reference_encoder.prompts.tokens, 32000, max_length=8)
     prompt = short.query("x", True, "a very long instruction " * 5)
     assert not prompt.has_image and prompt.truncated and prompt.masked_prefix == 8
 
 
 def test_max_length_too_small(reference_encoder):
     with pytest.raises(ValueError, match="max_length=2 leaves no room"):
-        PromptBuilder(reference_encoder.tokenizer, 32000, max_length=2)
+        PromptBuilder(reference_encoder.prompts.tokens, 32000, max_length=2)

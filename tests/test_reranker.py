@@ -143,13 +143,31 @@ def test_templates_are_chosen_from_modalities(reranker):
 
 
 def test_prompt_text_has_no_stray_spaces_at_run_boundaries(reranker):
-    # Every text run is tokenised separately; a SentencePiece "▁" prepended to each would show as spaces.
+    # The query and the candidate part meet inside one run: the candidate part gets no word-start "▁".
     assert reranker.format_prompt("a red square", "the cat") == (
         "<s> [INST] Query: a red square\nPassage: the cat\n"
         "Does the passage answer the query? Answer True or False. [/INST]")
-    image_prompt = reranker.format_prompt(RED, "the cat")
-    assert image_prompt.startswith("<s> [INST] Image:\n<image><image>")
-    assert image_prompt.split("<image>")[-1].startswith("\nCaption: the cat\nDoes the caption")
+
+
+@pytest.mark.parametrize(("query", "candidate", "text"), [
+    ("  two leading spaces", "the cat", "[INST] Query:   two leading spaces\nPassage: the cat\n"
+     "Does the passage answer the query? Answer True or False. [/INST]"),
+    (RED, " the cat", "[INST] Image:\n<image>\nCaption:  the cat\n"
+     "Does the caption describe the image? Answer True or False. [/INST]"),
+])
+def test_prompt_ids_are_the_whole_prompt_string_tokenised(reranker, reranker_dir, query, candidate, text):
+    # The same helper as the encoder's prompts: the checkpoint's tokenizer.json on the whole string, the image
+    # slot split out (LLaVA-NeXT's legacy tokenizer then starts the text after it with "▁").
+    from tokenizers import Tokenizer
+
+    whole = Tokenizer.from_file(str(reranker_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    image_id = reranker.prompts.image_token_id
+    expected = [reranker.prompts.tokens.bos_id]
+    for token in whole:
+        expected += [token] * (reranker.tokens_per_image if token == image_id else 1)
+    query_item, (item,) = reranker._items(query, [candidate])
+    tpl = select_template(query_item, item)
+    assert reranker.prompts.query_ids(tpl, query_item) + reranker.prompts.candidate_ids(tpl, item) == expected
 
 
 def test_user_text_is_never_template_syntax_nor_special_tokens(reranker):
@@ -311,3 +329,20 @@ def test_combine_scores_negative_retrieval_and_missing_score():
             combine_scores(0.7, None, mode, 0.5, 2, score_field="metadata['score']")
     with pytest.raises(ValueError, match="combine must be None, 'multiply' or 'weighted', got 'sum'"):
         combine_scores(0.7, 0.5, "sum", 0.5, 0)
+
+
+def test_dtype_and_device_are_checked_before_loading(reranker_dir):
+    from mmembed_rag.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="unsupported dtype 'int4'; use one of float32, bfloat16, float16"):
+        MLLMReranker.from_pretrained(reranker_dir, device="cpu", dtype="int4")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="this machine has no CUDA device"):
+            MLLMReranker.from_pretrained(reranker_dir, device="cuda")
+
+
+def test_device_map_loads_the_same_reranker(reranker, reranker_dir):
+    spread = MLLMReranker.from_pretrained(reranker_dir, device_map="auto", dtype="float32")
+    assert spread.model.dtype == torch.float32
+    np.testing.assert_allclose(spread.score("a red square", _candidates()), reranker.score("a red square",
+                                                                                           _candidates()), atol=1e-6)
