@@ -89,11 +89,15 @@ def load_image(
     index: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     timeout: float = 10.0,
+    release_compatible: bool = False,
 ) -> Image.Image:
     """Load an image source into a new, fully decoded RGB image.
 
     EXIF orientation is applied, transparency is composited onto white, and high-bit-depth modes
-    (``I;16``, ``I``, ``F``) are scaled to 8 bits. The caller's image or array is never modified.
+    (``I;16``, ``I``, ``F``) are scaled to 8 bits: what a photo means, not how its bytes are stored.
+    ``release_compatible=True`` does what the MM-Embed release's image processor (transformers 4.42) does
+    instead -- pixels in stored order (no EXIF orientation) and PIL's ``convert("RGB")`` (alpha dropped, not
+    composited) -- to reproduce its embeddings exactly. The caller's image or array is never modified.
 
     Args:
         source: The image source (see the module docstring for accepted kinds).
@@ -101,6 +105,7 @@ def load_image(
         max_pixels: Refuse images whose ``width * height`` exceeds this, checked before decoding.
             ``None`` disables this check.
         timeout: Socket timeout in seconds for URL fetches (per connect/read operation).
+        release_compatible: convert as the release does (see above) instead of the upright, white-composited RGB.
 
     Returns:
         A loaded ``PIL.Image.Image`` in mode ``RGB``.
@@ -121,19 +126,19 @@ def load_image(
 
     if isinstance(source, Image.Image):
         check_size(*source.size)
-        return _finish(source, fail)
+        return _finish(source, fail, release_compatible)
     if isinstance(source, np.ndarray):
-        return _finish(_from_array(source, fail, check_size), fail)
+        return _finish(_from_array(source, fail, check_size), fail, release_compatible)
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise fail("no image data (0 bytes)")
-        return _decode(io.BytesIO(bytes(source)), fail, check_size)
+        return _decode(io.BytesIO(bytes(source)), fail, check_size, release_compatible)
     if isinstance(source, str) and source[:5].lower() == "data:":
-        return _decode(io.BytesIO(_decode_data_uri(source, fail)), fail, check_size)
+        return _decode(io.BytesIO(_decode_data_uri(source, fail)), fail, check_size, release_compatible)
     if isinstance(source, str) and _SCHEME_RE.match(source):
         if not source.lower().startswith(("http://", "https://")):
             raise fail("unsupported URL scheme (only http and https can be fetched)")
-        return _decode(io.BytesIO(_fetch(source, timeout, fail)), fail, check_size)
+        return _decode(io.BytesIO(_fetch(source, timeout, fail)), fail, check_size, release_compatible)
     if not isinstance(source, (str, Path)):
         raise fail(f"unsupported image source type {type(source).__name__}; expected {_ACCEPTED}")
     if not str(source):
@@ -148,15 +153,16 @@ def load_image(
     if fp is None:
         raise fail("path is a directory, not an image file")
     with fp:
-        return _decode(fp, fail, check_size)
+        return _decode(fp, fail, check_size, release_compatible)
 
 
-def _decode(fp: BinaryIO, fail: _Fail, check_size: Callable[[int, int], None]) -> Image.Image:
+def _decode(fp: BinaryIO, fail: _Fail, check_size: Callable[[int, int], None],
+            release_compatible: bool) -> Image.Image:
     """Open from a binary stream, check the header size, then decode fully."""
     try:
         with Image.open(fp) as opened:
             check_size(*opened.size)  # header only: no pixel data decoded yet
-            return _finish(opened, fail)
+            return _finish(opened, fail, release_compatible)
     except ImageLoadError:
         raise
     except UnidentifiedImageError as exc:
@@ -167,12 +173,15 @@ def _decode(fp: BinaryIO, fail: _Fail, check_size: Callable[[int, int], None]) -
         raise fail(f"corrupt or truncated image data ({exc})") from exc
 
 
-def _finish(image: Image.Image, fail: _Fail) -> Image.Image:
-    """Decode, apply EXIF orientation and convert to RGB; always returns a new image."""
+def _finish(image: Image.Image, fail: _Fail, release_compatible: bool) -> Image.Image:
+    """Decode, apply EXIF orientation and convert to RGB (or convert as the release does); a new image."""
     try:
         image.load()
-        upright = ImageOps.exif_transpose(image)  # a copy even when no rotation is needed
-        rgb = _to_rgb(upright)
+        if release_compatible:
+            rgb = image.convert("RGB") if image.mode != "RGB" else image.copy()
+        else:
+            upright = ImageOps.exif_transpose(image)  # a copy even when no rotation is needed
+            rgb = _to_rgb(upright)
         rgb.load()
     except _DECODE_ERRORS as exc:
         raise fail(f"corrupt or truncated image data ({exc})") from exc

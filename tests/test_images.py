@@ -319,3 +319,30 @@ def test_describe_source(red: Image.Image, red_png: Path) -> None:
     assert describe_source(np.zeros((2, 3, 3), np.uint8)) == "<array 2x3x3 uint8>"
     assert describe_source("data:image/png;base64,AAAA") == "data:image/png;base64,... (26 chars)"
     assert describe_source(3.5) == "<float>"
+
+
+def test_release_compatible_loading_converts_like_the_release(tmp_path):
+    # The release (transformers 4.42) opens pixels in stored order and drops alpha with convert("RGB").
+    rgba = Image.new("RGBA", (4, 2), (200, 10, 10, 0))
+    rgba.save(tmp_path / "clear.png")
+    rotated = Image.new("RGB", (6, 3), (10, 200, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° for display
+    rotated.save(tmp_path / "rotated.jpg", exif=exif)
+    exact = load_image(tmp_path / "clear.png", release_compatible=True)
+    assert exact.getpixel((0, 0)) == (200, 10, 10)  # colour under the transparent alpha, as convert("RGB") gives
+    assert load_image(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)  # default: composited on white
+    assert load_image(tmp_path / "rotated.jpg", release_compatible=True).size == (6, 3)
+    assert load_image(tmp_path / "rotated.jpg").size == (3, 6)
+
+
+def test_encoder_switch_reproduces_release_image_handling(tiny_checkpoint, tmp_path):
+    from mmembed_rag import Encoder
+
+    Image.new("RGBA", (30, 20), (200, 10, 10, 0)).save(tmp_path / "clear.png")
+    exact = Encoder.from_pretrained(tiny_checkpoint, device="cpu", release_compatible_images=True)
+    default = Encoder.from_pretrained(tiny_checkpoint, device="cpu")
+    item = [{"img": str(tmp_path / "clear.png")}]
+    as_release = default.encode_documents([{"img": Image.open(tmp_path / "clear.png").convert("RGB")}])
+    np.testing.assert_allclose(exact.encode_documents(item), as_release, atol=1e-6)
+    assert np.abs(default.encode_documents(item) - as_release).max() > 1e-3
