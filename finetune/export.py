@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import yaml
 
+from mmembed_rag.devices import resolve_dtype
 from mmembed_rag.encoder import Encoder
-from mmembed_rag.modeling.checkpoint import DTYPES
 from mmembed_rag.modeling.model import MMEmbedModel
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def export_model(model: MMEmbedModel, encoder: Encoder, output_dir: str | os.Pat
     out.mkdir(parents=True, exist_ok=True)
     merged = merge_lora(model, inplace=inplace)
     if dtype is not None:
-        merged = merged.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+        merged = merged.to(resolve_dtype(dtype))
     merged.eval()
     raw = dict(encoder.raw_config)
     raw["torch_dtype"] = str(next(merged.parameters()).dtype).removeprefix("torch.")
@@ -139,7 +139,8 @@ def export_model(model: MMEmbedModel, encoder: Encoder, output_dir: str | os.Pat
         for name in _CARRIED:  # before saving: save_pretrained updates preprocessor_config.json in place
             if (Path(base_model) / name).is_file():
                 shutil.copyfile(Path(base_model) / name, out / name)
-    saver = Encoder(merged, encoder.tokenizer, encoder.image_processor, max_length=encoder.prompts.max_length)
+    saver = Encoder(merged, encoder.tokenizer, encoder.image_processor, max_length=encoder.prompts.max_length,
+                    prompt_tokenizer=encoder.prompts.tokens)  # tokenizer files copied verbatim
     saver.raw_config = raw
     saver.save_pretrained(out, max_shard_bytes=max_shard_bytes)
     write_model_card(out, str(base_model) if base_model is not None else None, metrics, training_args)

@@ -35,10 +35,10 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from mmembed_rag.devices import resolve_dtype
 from mmembed_rag.encoder import Encoder
 from mmembed_rag.hub import resolve_checkpoint
 from mmembed_rag.items import MultimodalItem
-from mmembed_rag.modeling.checkpoint import DTYPES
 from mmembed_rag.rerank_templates import RerankTemplate, TemplateError, get_template
 from mmembed_rag.reranker import MLLMReranker
 
@@ -286,7 +286,7 @@ def export_reranker(reranker: MLLMReranker, output_dir: str | Path, *, base_mode
         reranker: the trained reranker (its model may carry peft adapters).
         output_dir: target directory (created; files of the same names replaced).
         base_model: the checkpoint trained from; its tokenizer, chat template and processor files are carried
-            over unchanged (default: the reranker's tokenizer is saved).
+            over unchanged (default: the reranker's own tokenizer files, copied verbatim).
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``; default: the weights' dtype.
         training_args: recorded in ``reranker_train_args.yaml``.
         inplace: merge into the reranker's own model (end of training) instead of a copy.
@@ -300,13 +300,13 @@ def export_reranker(reranker: MLLMReranker, output_dir: str | Path, *, base_mode
     if _is_peft(model.model.language_model):
         model.model.language_model = model.model.language_model.merge_and_unload()
     if dtype is not None:
-        model.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+        model.to(resolve_dtype(dtype))
     if base_model is not None:
         base = resolve_checkpoint(base_model)
         for file in base.iterdir():
             if file.is_file() and file.suffix not in (".safetensors", ".bin") and file.name not in _WEIGHT_FILES:
                 shutil.copyfile(file, out / file.name)
-    else:
+    elif not reranker.prompts.tokens.copy_files(out):
         reranker.tokenizer.save_pretrained(str(out))
     model.eval().save_pretrained(str(out), safe_serialization=True)
     if training_args is not None:

@@ -60,18 +60,27 @@ class ExampleSource(Protocol):
     def __getitem__(self, index: int) -> ContrastiveExample: ...
 
 
-def build_model(args: TrainArguments) -> tuple[Encoder, MMEmbedModel]:
-    """Load ``args.model_path`` in float32 and make the parameters ``args`` asks for trainable.
+def build_model(args: TrainArguments, device: torch.device | str | None = None,
+                frozen_dtype: torch.dtype = torch.float32) -> tuple[Encoder, MMEmbedModel]:
+    """Load ``args.model_path`` onto ``device`` and make the parameters ``args`` asks for trainable.
 
     LoRA adapters wrap the language model (``model.language_model`` becomes a peft model whose
     targets are ``args.lora.target_modules`` inside it); ``latent_attention_model`` stays trainable
     with ``train_pooling``; ``full_finetune`` trains everything.
 
+    Args:
+        args: the run's settings.
+        device: where the weights are read to (default CPU).
+        frozen_dtype: dtype of the weights that stay frozen (ignored with ``full_finetune``): bfloat16 under
+            bf16 mixed precision keeps an 8.2B base at 16 GB instead of 33 GB. Trained parameters are float32.
+
     Returns:
         The encoder (tokenizer, prompts, image processor; its ``model`` is the returned model) and the
         model in train mode.
     """
-    encoder = Encoder.from_pretrained(args.model_path, device="cpu", dtype="float32", max_length=args.max_length)
+    dtype = torch.float32 if args.full_finetune else frozen_dtype
+    encoder = Encoder.from_pretrained(args.model_path, device=str(device or "cpu"), dtype=dtype,
+                                      max_length=args.max_length)
     model = encoder.model
     model.requires_grad_(args.full_finetune)
     model.language_model.config.use_cache = False
@@ -90,6 +99,9 @@ def build_model(args: TrainArguments) -> tuple[Encoder, MMEmbedModel]:
         model.language_model = get_peft_model(model.language_model, config)
     if args.train_pooling:
         model.latent_attention_model.requires_grad_(True)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:  # optimiser state and updates in float32
+            param.data = param.data.float()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
         raise ValueError("no trainable parameters (pooling without weights and no LoRA or full fine-tuning)")
@@ -320,7 +332,8 @@ def train(args: TrainArguments, examples: ExampleSource,
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_args.yaml").write_text(yaml.safe_dump(args.to_dict(), sort_keys=False))
     set_seed(args.seed)
-    encoder, model = build_model(args)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision), torch.float32)
+    encoder, model = build_model(args, accelerator.device, frozen_dtype=half)
     params = list(_trainable(model).values())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     name = "constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler

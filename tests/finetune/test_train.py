@@ -176,3 +176,14 @@ def test_cli_runs_a_recipe_on_the_synthetic_benchmark(tiny_checkpoint: Path, tmp
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step 2/2 loss" in done.stderr
     assert (tmp_path / "cli" / "model" / "config.json").is_file()
+
+
+def test_lora_under_bf16_keeps_the_frozen_base_in_bf16(tiny_checkpoint: Path) -> None:
+    """An 8.2B base is 33 GB in float32: under bf16 mixed precision only the trained parameters are float32."""
+    from mmembed_rag.finetune.train import build_model
+
+    _, model = build_model(_args(tiny_checkpoint, Path("unused"), train_pooling=True), frozen_dtype=torch.bfloat16)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    assert all(b.dtype == torch.float32 for n, b in model.named_buffers() if n.endswith("inv_freq"))
