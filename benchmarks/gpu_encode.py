@@ -1,8 +1,8 @@
 """GPU throughput and model FLOP utilisation (MFU) of an MM-Embed-sized model behind the Encoder.
 
 Model: MM-Embed's dimensions (Mistral-7B decoder: hidden 4096, 32 layers, 32 heads / 8 KV heads,
-intermediate 14336, vocab 32064; CLIP ViT-L/14-336: hidden 1024, 24 layers, 16 heads, intermediate 4096;
-projector; latent attention: 512 latents, 8 heads, head_dim 4096, ff_mult 4; 8.2B parameters), random
+intermediate 14336, NV-Embed-v1's 32000-row embedding; CLIP ViT-L/14-336: hidden 1024, 24 layers, 16 heads,
+intermediate 4096; projector; latent attention: 512 latents, 8 heads, head_dim 4096, ff_mult 4; 8.2B parameters), random
 bf16 weights built directly on the GPU, in an ``Encoder`` with a tiny checkpoint's tokenizer. Items:
 text (~128 tokens) or images (1024x768 JPEG bytes, decoded and resized by the Encoder: 581 tokens).
 
@@ -57,6 +57,7 @@ from _common import (  # noqa: E402
 
 from mmembed_rag import Encoder  # noqa: E402
 from mmembed_rag.items import MultimodalItem  # noqa: E402
+from mmembed_rag.modeling import profiles  # noqa: E402
 from mmembed_rag.modeling.model import MMEmbedModel  # noqa: E402
 from mmembed_rag.preprocessing import GlobalViewProcessor  # noqa: E402
 from mmembed_rag.testing import make_tiny_checkpoint, tiny_config  # noqa: E402
@@ -64,10 +65,10 @@ from mmembed_rag.testing import make_tiny_checkpoint, tiny_config  # noqa: E402
 logger = logging.getLogger("gpu_encode")
 
 SIZES: dict[str, dict[str, dict[str, int]]] = {
-    "full": {"text": {"hidden": 4096, "layers": 32, "heads": 32, "kv_heads": 8, "intermediate": 14336, "vocab": 32064},
+    "full": {"text": {"hidden": 4096, "layers": 32, "heads": 32, "kv_heads": 8, "intermediate": 14336, "vocab": 32000},
              "vision": {"hidden": 1024, "layers": 24, "heads": 16, "intermediate": 4096},
              "pooling": {"num_latents": 512, "heads": 8, "head_dim": 4096, "ff_mult": 4}},
-    "tiny": {"text": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 160, "vocab": 32064},
+    "tiny": {"text": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 160, "vocab": 32000},
              "vision": {"hidden": 32, "layers": 3, "heads": 2, "intermediate": 64},
              "pooling": {"num_latents": 16, "heads": 2, "head_dim": 16, "ff_mult": 4}},
 }
@@ -84,7 +85,9 @@ def build_config(sizes: dict[str, dict[str, int]], image_token_index: int) -> Ll
     """LLaVA-NeXT config with the release's fields at ``sizes`` (336 px, patch 14)."""
     raw = tiny_config(image_token_index, sizes["text"]["vocab"], image_size=336, patch_size=14,
                       text_config=mistral_config(**sizes["text"]), vision_config=clip_vision_config(**sizes["vision"]))
-    return LlavaNextConfig(**{k: v for k, v in raw.items() if k not in ("auto_map", "architectures", "torch_dtype")})
+    raw.pop("torch_dtype")
+    # As the release builds it: NV-Embed-v1's language model (the profile), a 32000-row embedding.
+    return profiles.build_config(raw, embedding_rows=sizes["text"]["vocab"])
 
 
 def build_model(config: LlavaNextConfig, pooling: dict[str, int], device: str, dtype: torch.dtype) -> MMEmbedModel:

@@ -66,14 +66,14 @@ logger = logging.getLogger("benchmarks.rerank")
 GOAL_IMAGE_SPEEDUP = 1.5
 
 
-def build_reranker(root: Path) -> MLLMReranker:
-    """Write the random checkpoint under ``root`` and load it on CPU in float32."""
+def build_reranker(root: Path, device: str = "cpu") -> MLLMReranker:
+    """Write the random checkpoint under ``root`` and load it on ``device`` in float32."""
     # make_tiny_reranker appends the answer words, <image> and <pad> to a 1000-token BPE: 1024 rows suffice.
     text = mistral_config(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1536, vocab=1024)
     vision = clip_vision_config(hidden=256, layers=4, heads=4, intermediate=1024, image_size=336, patch_size=14)
     path = make_tiny_reranker(root / "model", seed=0, dtype=torch.float32, image_size=336,
                               text_config=text, vision_config=vision)
-    return MLLMReranker.from_pretrained(path, device="cpu", dtype="float32")
+    return MLLMReranker.from_pretrained(path, device=device, dtype="float32")
 
 
 def scenarios(n_candidates: int, seed: int = 0) -> dict[str, tuple[Any, list[str]]]:
@@ -104,9 +104,9 @@ def score_batched_pairs(reranker: MLLMReranker, query: Any, candidates: list[str
                             + reranker.prompts.candidate_ids(template, items[i]))
             features = reranker._image_features(pixels * len(rows)) if pixels else [None] * len(rows)
             embeds, lengths = reranker._embed(rows, features)
-            mask = (torch.arange(embeds.shape[1]) < lengths[:, None]).long()
+            mask = (torch.arange(embeds.shape[1], device=embeds.device) < lengths[:, None]).long()
             hidden = reranker.model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-            out[list(chunk)] = reranker._p_true(hidden[torch.arange(len(rows)), lengths - 1])
+            out[list(chunk)] = reranker._p_true(hidden[torch.arange(len(rows), device=hidden.device), lengths - 1])
     return out
 
 
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="cached-path batch size (default 16)")
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 3, quick 1)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     add_output_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="mmembed-bench-rerank-") as tmp:
         logger.info("building the random checkpoint in %s", tmp)
-        reranker = build_reranker(Path(tmp))
+        reranker = build_reranker(Path(tmp), args.device)
     params = sum(p.numel() for p in reranker.model.parameters())
     print(f"model: {params / 1e6:.1f}M parameters, float32, CPU, {torch.get_num_threads()} threads, "
           f"{reranker.tokens_per_image} tokens per image, {n} candidates, batch size {args.batch_size}")
