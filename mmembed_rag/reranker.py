@@ -45,7 +45,7 @@ from .rerank_templates import (
 from .results import RankedItem
 from .tokenization import PromptTokenizer
 
-__all__ = ["MLLMReranker", "RerankTemplate", "TemplateError", "combine_scores"]
+__all__ = ["MLLMReranker", "RerankTemplate", "TemplateError", "combine_ranked", "combine_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -434,6 +434,28 @@ def combine_scores(rerank: float, retrieval: float | None, mode: str | None, wei
         where = f" ({score_field})" if score_field else ""
         raise ValueError(f"candidate {index} has no retrieval score{where}; combine={mode!r} needs one")
     return rerank * retrieval if mode == "multiply" else weight * rerank + (1.0 - weight) * retrieval
+
+
+def combine_ranked(ranked: Sequence[RankedItem], retrieval: Sequence[float | None], mode: str | None, weight: float,
+                   top_n: int | None, *, score_field: str | None = None) -> list[tuple[RankedItem, float]]:
+    """Combine each reranked candidate's score with its retrieval score, re-sort, keep ``top_n``: every adapter's tail.
+
+    Args:
+        ranked: :meth:`MLLMReranker.rerank` output (``index`` = the candidate's position).
+        retrieval: the incoming score of each candidate, by position (``None`` where there is none).
+        mode, weight, score_field: as in :func:`combine_scores`.
+        top_n: how many to keep (all when ``None``).
+
+    Returns:
+        ``(ranked item, final score)`` pairs, best final score first; ties keep the candidates' given order.
+
+    Raises:
+        ValueError: as :func:`combine_scores`.
+    """
+    scored = [(r, combine_scores(r.score, retrieval[r.index], mode, weight, r.index, score_field=score_field))
+              for r in ranked]
+    scored.sort(key=lambda pair: (-pair[1], pair[0].index))
+    return scored[:top_n]
 
 
 def _convert(obj: Any, label: str, index: int) -> MultimodalItem:
