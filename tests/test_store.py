@@ -230,7 +230,8 @@ def test_dimension_mismatch_is_refused_before_writing(tmp_path, tiny_checkpoint,
     narrow = make_tiny_checkpoint(tmp_path / "narrow", seed=1, hidden_size=32)
     col = _open(tiny_checkpoint, tiny_encoder, persist_dir=tmp_path / "db", collection="dims")
     col.add(["stored with the 64-d model"])
-    other = MultimodalCollection(str(narrow), persist_dir=tmp_path / "db", collection="dims", device="cpu")
+    other = MultimodalCollection(str(narrow), persist_dir=tmp_path / "db", collection="dims", device="cpu",
+                                 allow_model_change=True)
     assert other.encoder.dim == 32 and other.encoder is cached_encoder(narrow, device="cpu")
     message = "collection 'dims' holds 64-dimensional vectors but model .* gives 32-dimensional ones"
     with pytest.raises(DimensionMismatchError, match=message):

@@ -17,7 +17,7 @@ except ImportError as exc:  # the core installs without chromadb
 
 from .collection import MultimodalCollection, SearchResult, StoredItem  # noqa: E402
 from .embedding_function import MMEmbedEmbeddingFunction, cached_encoder, clear_encoder_cache  # noqa: E402
-from .errors import DimensionMismatchError, EmbeddingFunctionConfigError, StoreError  # noqa: E402
+from .errors import DimensionMismatchError, EmbeddingFunctionConfigError, ModelMismatchError, StoreError  # noqa: E402
 from .records import MODALITIES  # noqa: E402
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "StoredItem",
     "StoreError",
     "DimensionMismatchError",
+    "ModelMismatchError",
     "EmbeddingFunctionConfigError",
     "MODALITIES",
     "cached_encoder",

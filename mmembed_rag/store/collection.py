@@ -9,24 +9,33 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import chromadb
 import numpy as np
 import torch
 from chromadb.api import ClientAPI
 from chromadb.errors import ChromaError
 from chromadb.utils.data_loaders import ImageLoader
-from tqdm.auto import tqdm
 
 from mmembed_rag.encoder import Encoder
 from mmembed_rag.errors import InvalidItemError
 from mmembed_rag.hub import DEFAULT_MODEL
 from mmembed_rag.images import ImageSource
-from mmembed_rag.items import MultimodalItem, to_items
+from mmembed_rag.items import MultimodalItem
 from mmembed_rag.results import RankedItem
+from mmembed_rag.similarity import collection_space, cosine_from_distance
 
+from .connection import make_client
 from .embedding_function import MMEmbedEmbeddingFunction
-from .errors import DimensionMismatchError, StoreError
-from .records import Record, build_records, check_ids, combine_where, item_from_record, modality_filter
+from .errors import DimensionMismatchError, ModelMismatchError, StoreError
+from .records import (
+    IMAGE_URI_KEY,
+    MODALITY_KEY,
+    check_ids,
+    combine_where,
+    item_from_record,
+    modality_filter,
+    user_metadata,
+)
+from .writer import stream_add
 
 __all__ = ["MultimodalCollection", "SearchResult", "StoredItem"]
 
@@ -59,16 +68,25 @@ class MultimodalCollection:
         persist_dir: directory of an embedded, persistent Chroma database.
         collection: collection name (3-512 characters of ``[a-zA-Z0-9._-]``).
         host, port: a Chroma server (``HttpClient``) instead of an embedded database.
-        client: any Chroma client; excludes ``persist_dir``, ``host`` and ``port``.
+        client: any Chroma client (e.g. built with your own ``Settings``); excludes ``persist_dir``, ``host``,
+            ``port`` and the server options.
+        ssl, headers, auth_token, auth_header: for a server: HTTPS, extra HTTP headers, and a token for chromadb's
+            token authentication sent in ``auth_header`` (``"Authorization"`` as a bearer token, or
+            ``"X-Chroma-Token"``). Never logged.
         instruction: default query instruction (catalog name or free text).
         batch_size: items per forward pass.
         dtype, device: how ``model`` is loaded when ``encoder`` is not given.
+        encoder_kwargs: Encoder options when ``model`` is loaded here (``max_length``, ``image_workers``,
+            ``max_image_pixels``, ``url_timeout``, ``batch_size``); recorded with the collection.
+        allow_model_change: open a collection that was built with another model anyway. Vectors of two models
+            live in different spaces even when their dimensions agree, so by default this is refused.
 
     With neither ``persist_dir``, ``host``/``port`` nor ``client``, the database lives in memory.
 
     Raises:
-        StoreError: conflicting connection arguments, or Chroma refuses the collection (bad name, a
-            collection created with another embedding function).
+        StoreError: conflicting connection arguments, an unwritable ``persist_dir``, no server, or Chroma refuses
+            the collection (bad name, a collection created with another embedding function).
+        ModelMismatchError: the collection was built with another model (see ``allow_model_change``).
 
     Example:
         >>> col = MultimodalCollection("nvidia/MM-Embed", persist_dir="db", instruction="mscoco_t2i")
@@ -80,70 +98,88 @@ class MultimodalCollection:
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, encoder: Encoder | None = None,
                  persist_dir: str | os.PathLike | None = None, collection: str = "mmembed",
                  host: str | None = None, port: int | None = None, client: ClientAPI | None = None,
-                 instruction: str | None = None, batch_size: int = 8, dtype: str | torch.dtype | None = None,
-                 device: str | None = None) -> None:
-        self.client = _make_client(client, persist_dir, host, port)
+                 ssl: bool = False, headers: Mapping[str, str] | None = None, auth_token: str | None = None,
+                 auth_header: str = "Authorization", instruction: str | None = None, batch_size: int = 8,
+                 dtype: str | torch.dtype | None = None, device: str | None = None,
+                 encoder_kwargs: Mapping[str, Any] | None = None, allow_model_change: bool = False) -> None:
+        self.client = make_client(client, persist_dir, host, port, ssl=ssl, headers=headers, auth_token=auth_token,
+                                  auth_header=auth_header)
         self.embedding_function = MMEmbedEmbeddingFunction(model, encoder=encoder, dtype=dtype, device=device,
-                                                           instruction=instruction, batch_size=batch_size)
+                                                           instruction=instruction, batch_size=batch_size,
+                                                           encoder_kwargs=encoder_kwargs)
+        self._refuse_other_model(collection, allow_model_change)
         try:
             self.collection = self.client.get_or_create_collection(
                 collection, embedding_function=self.embedding_function, data_loader=ImageLoader())
         except (ValueError, ChromaError) as exc:
             raise StoreError(f"cannot open Chroma collection {collection!r}: {exc}") from exc
-        self._space = _space(self.collection)
+        self._space = collection_space(self.collection.configuration_json, self.collection.metadata)
         self._dim: int | None = None
-        persisted = (self.collection.configuration_json.get("embedding_function") or {}).get("config") or {}
-        if persisted.get("model") not in (None, self.embedding_function.model):
-            logger.warning("collection %r was built with model %r; searching it with %r", collection,
-                           persisted["model"], self.embedding_function.model)
+
+    def _refuse_other_model(self, name: str, allow: bool) -> None:
+        try:
+            existing = self.client.get_collection(name)
+        except (ValueError, ChromaError):  # no such collection yet (NotFoundError), or a bad name: reported below
+            return
+        persisted = (existing.configuration_json.get("embedding_function") or {}).get("config") or {}
+        stored = persisted.get("model")
+        if stored in (None, self.embedding_function.model):
+            return
+        if not allow:
+            raise ModelMismatchError(
+                f"collection {name!r} was built with model {stored!r}, not {self.embedding_function.model!r}: two "
+                "models' vectors live in different embedding spaces even when their dimensions agree. Use the "
+                "collection's model, a new collection name, or allow_model_change=True (--allow-model-change) "
+                "if the two are the same weights (e.g. a moved checkpoint)")
+        logger.warning("collection %r was built with model %r; opening it with %r (allow_model_change=True)",
+                       name, stored, self.embedding_function.model)
 
     @property
     def encoder(self) -> Encoder:
         """The encoder (loaded on first use)."""
         return self.embedding_function.encoder
 
-    def add(self, items: Iterable[Any], ids: Sequence[str] | None = None,
-            metadatas: Sequence[Mapping[str, Any] | None] | None = None, show_progress: bool | None = None,
-            chunk_size: int | None = None) -> list[str]:
-        """Validate, encode, then upsert items; a batch with one bad item writes nothing.
+    @property
+    def max_batch_size(self) -> int:
+        """The most records the client accepts in one write (5,461 for embedded Chroma 1.5)."""
+        return self.client.get_max_batch_size()
 
-        Every vector of the batch is held in memory until written (n x dim float32): feed a large corpus in
-        batches of a few thousand items, each of which is all-or-nothing.
+    def add(self, items: Iterable[Any], ids: Iterable[str] | None = None,
+            metadatas: Iterable[Mapping[str, Any] | None] | None = None, show_progress: bool | None = None,
+            chunk_size: int | None = None) -> list[str]:
+        """Validate, encode and upsert items from any iterable; a call that fails writes nothing.
+
+        Items are pulled one chunk at a time (a generator of a million items streams with bounded memory); each
+        chunk is validated (records built, images loaded) before it is written, and the next chunk is encoded
+        while this one is written. On any failure -- a bad item in a later chunk, an encoder error, a refused
+        write -- the call is undone: ids it added are deleted and rows it overwrote are restored.
 
         Args:
-            items: anything :func:`~mmembed_rag.items.to_items` accepts (str, dicts, MultimodalItem, Path...).
-                Images must be paths or URLs (see :mod:`mmembed_rag.store.records`).
-            ids: one id per item; by default a hash of the text and image reference, so adding the same
-                item again overwrites it instead of duplicating it (a re-run after a crash is safe).
-            metadatas: one dict (or None) per item; ``modality`` and ``image_uri`` are reserved.
-            show_progress: progress bars for encoding and writing (default: for 256 items or more).
-            chunk_size: rows per upsert call, capped at the client's ``get_max_batch_size()``.
+            items: an iterable of anything :func:`~mmembed_rag.items.to_item` accepts (str, dicts,
+                MultimodalItem, Path...). Images must be paths or URLs (see :mod:`mmembed_rag.store.records`).
+            ids: one id per item (any iterable); by default a hash of the text and image reference, so adding the
+                same item again overwrites it instead of duplicating it (a re-run after a crash is safe).
+            metadatas: one dict (or None) per item (any iterable); ``modality`` and ``image_uri`` are reserved.
+            show_progress: a progress bar (default: for 256 items or more, or an input of unknown length).
+            chunk_size: items per encode/upsert step, capped at the client's ``get_max_batch_size()``.
 
         Returns:
             The ids, one per item, in order.
 
         Raises:
-            InvalidItemError: no items, a malformed item, an in-memory image or bad metadata.
-            ImageLoadError: an image cannot be read.
+            InvalidItemError: no items, a malformed item, an in-memory image or bad metadata (named by its index
+                in ``items``).
+            ImageLoadError: an image cannot be read (named by its index in ``items``).
             StoreError: bad ``ids``, ``metadatas`` or ``chunk_size``.
             DimensionMismatchError: the collection holds vectors of another dimension.
         """
-        items = to_items(items)
-        if not items:
-            raise InvalidItemError("add() got no items; nothing was written")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise StoreError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        records = build_records(items, ids, metadatas)
         self._check_dim(self.encoder.dim)
-        # The same content twice gets one id: upsert it once, the later metadata winning as upserts do.
-        last = {record.id: index for index, record in enumerate(records)}
-        keep = sorted(last.values())
-        vectors = self.encoder.encode_documents([items[i] for i in keep],
-                                                batch_size=self.embedding_function.batch_size,
-                                                show_progress=show_progress)
-        self._write([records[i] for i in keep], vectors, chunk_size, show_progress)
-        return [record.id for record in records]
+        size = min(self.max_batch_size, chunk_size or self.max_batch_size)
+        return stream_add(self.collection, self.encoder, items, ids, metadatas, chunk_size=size,
+                          batch_size=self.embedding_function.batch_size, show_progress=show_progress)
 
     def search(self, query: str | None = None, image: ImageSource | None = None, instruction: str | None = None,
                k: int = 10, where: Mapping[str, Any] | None = None,
@@ -197,7 +233,7 @@ class MultimodalCollection:
             raise StoreError(f"Chroma refused the query (where={where!r}): {exc}") from exc
         ids, documents, metadatas = found["ids"][0], found["documents"][0], found["metadatas"][0]
         uris = found["uris"][0] if found.get("uris") else [None] * len(ids)
-        return [RankedItem(index=rank, score=self._score(distance),
+        return [RankedItem(index=rank, score=cosine_from_distance(distance, self._space),
                            item=item_from_record(id_, document, metadata, uri), id=id_,
                            metadata=MappingProxyType(dict(metadata or {})))
                 for rank, (id_, document, metadata, uri, distance)
@@ -213,9 +249,70 @@ class MultimodalCollection:
                  for id_, document, metadata, uri in zip(found["ids"], found["documents"], found["metadatas"], uris)}
         return [by_id[id_] for id_ in dict.fromkeys(ids) if id_ in by_id]
 
-    def delete(self, ids: Sequence[str]) -> None:
-        """Delete these ids (ids not in the collection are ignored)."""
-        self.collection.delete(ids=check_ids(ids))
+    def delete(self, ids: Sequence[str] | None = None, *, where: Mapping[str, Any] | None = None,
+               modality: str | Sequence[str] | None = None) -> list[str]:
+        """Delete by id, or every record matching a metadata filter (ids not in the collection are ignored).
+
+        Args:
+            ids: the ids to delete.
+            where: a Chroma metadata filter (e.g. ``{"source": "old.jsonl"}``), combined with ``modality``.
+            modality: delete only records of these modalities.
+
+        Returns:
+            The ids that were deleted (those found).
+
+        Raises:
+            StoreError: none or both of ``ids`` and a filter, empty or bad ``ids``, a bad filter.
+        """
+        condition = combine_where(where, modality_filter(modality))
+        if (ids is None) == (condition is None):
+            raise StoreError("delete() takes ids=... or a filter (where=..., modality=...), exactly one of them")
+        if ids is not None:
+            ids = check_ids(ids)
+            found = self.collection.get(ids=ids, include=[])["ids"]
+        else:
+            try:
+                found = self.collection.get(where=condition, include=[])["ids"]
+            except (ValueError, ChromaError) as exc:
+                raise StoreError(f"Chroma refused the filter (where={condition!r}): {exc}") from exc
+        size = self.max_batch_size
+        for start in range(0, len(found), size):
+            self.collection.delete(ids=found[start:start + size])
+        return list(found)
+
+    def update(self, ids: Sequence[str], *, metadatas: Sequence[Mapping[str, Any]]) -> None:
+        """Replace the user metadata of stored records (vectors, text and images stay as they are).
+
+        Args:
+            ids: records to update; every one must exist.
+            metadatas: one dict per id; ``modality`` and ``image_uri`` are kept by the store and may not be set.
+
+        Raises:
+            StoreError: bad or missing ids, or a length mismatch. InvalidItemError: bad metadata (named by index).
+        """
+        ids = check_ids(ids)
+        if isinstance(metadatas, Mapping) or not isinstance(metadatas, Sequence) or len(metadatas) != len(ids):
+            raise StoreError("update() needs one metadata dict per id")
+        if len(set(ids)) != len(ids):
+            raise StoreError("update() ids must be unique")
+        fresh = [user_metadata(meta, index) for index, meta in enumerate(metadatas)]
+        found = self.collection.get(ids=ids, include=["metadatas"])
+        stored = dict(zip(found["ids"], found["metadatas"]))
+        missing = [id_ for id_ in ids if id_ not in stored]
+        if missing:
+            raise StoreError(f"update(): no record with id {missing[0]!r}; nothing was updated")
+        merged = []
+        for id_, meta in zip(ids, fresh):
+            keep = {key: value for key, value in (stored[id_] or {}).items() if key in (MODALITY_KEY, IMAGE_URI_KEY)}
+            merged.append({**meta, **keep})
+        size = self.max_batch_size
+        for start in range(0, len(ids), size):
+            # Chroma's update merges metadata keys; an upsert of the same row replaces them, which is what we want.
+            part = ids[start:start + size]
+            old = self.collection.get(ids=part, include=["embeddings", "documents"])
+            rows = dict(zip(old["ids"], zip(old["embeddings"], old["documents"])))
+            self.collection.upsert(ids=part, embeddings=np.stack([np.asarray(rows[i][0]) for i in part]),
+                                   documents=[rows[i][1] for i in part], metadatas=merged[start:start + size])
 
     def count(self) -> int:
         """Number of stored items."""
@@ -227,20 +324,6 @@ class MultimodalCollection:
     def __repr__(self) -> str:
         return (f"MultimodalCollection(collection={self.collection.name!r}, "
                 f"model={self.embedding_function.model!r}, space={self._space!r})")
-
-    def _write(self, records: list[Record], vectors: np.ndarray, chunk_size: int | None,
-               show_progress: bool | None) -> None:
-        size = self.client.get_max_batch_size()
-        if chunk_size is not None:
-            size = min(size, chunk_size)
-        quiet = not show_progress if show_progress is not None else len(records) < 256
-        with tqdm(total=len(records), desc="writing", unit="item", disable=quiet) as bar:
-            for start in range(0, len(records), size):
-                part = records[start:start + size]
-                self.collection.upsert(ids=[r.id for r in part], embeddings=vectors[start:start + size],
-                                       documents=[r.document for r in part], metadatas=[r.metadata for r in part])
-                bar.update(len(part))
-        logger.info("upserted %d item(s) into %r in chunks of %d", len(records), self.collection.name, size)
 
     def check_model(self) -> None:
         """Raise :class:`DimensionMismatchError` if the stored vectors do not fit the model (read once, cached).
@@ -264,33 +347,3 @@ class MultimodalCollection:
                 f"collection {self.collection.name!r} holds {stored}-dimensional vectors but model "
                 f"{self.embedding_function.model!r} gives {dim}-dimensional ones; use the model that built "
                 "the collection or a new collection name. Nothing was written")
-
-    def _score(self, distance: float) -> float:
-        # Vectors are unit length: cosine and ip distances are 1 - cos, Chroma's l2 is squared, 2 - 2 cos.
-        return 1.0 - distance / 2.0 if self._space == "l2" else 1.0 - distance
-
-
-def _make_client(client: ClientAPI | None, persist_dir: str | os.PathLike | None, host: str | None,
-                 port: int | None) -> ClientAPI:
-    remote = host is not None or port is not None
-    if client is not None and (persist_dir is not None or remote):
-        raise StoreError("pass either client or persist_dir/host/port, not both")
-    if persist_dir is not None and remote:
-        raise StoreError("pass either persist_dir (embedded database) or host/port (Chroma server), not both")
-    if client is not None:
-        return client
-    if remote:
-        host, port = host or "localhost", port or 8000
-        try:
-            return chromadb.HttpClient(host=host, port=port)
-        except ValueError as exc:  # raised when no server answers
-            raise StoreError(f"cannot reach a Chroma server at {host}:{port}: {exc}") from exc
-    if persist_dir is not None:
-        return chromadb.PersistentClient(path=str(persist_dir))
-    return chromadb.EphemeralClient()
-
-
-def _space(collection: Any) -> str:
-    config = collection.configuration_json or {}
-    index = config.get("hnsw") or config.get("spann") or {}
-    return index.get("space") or (collection.metadata or {}).get("hnsw:space") or "l2"

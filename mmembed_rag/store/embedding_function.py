@@ -3,8 +3,8 @@
 Chroma persists ``name()`` and ``get_config()`` with a collection and, in a later process, rebuilds the
 function with ``build_from_config`` -- once per ``collection.configuration`` access, so building is cheap:
 the encoder is loaded lazily on first use and shared through an in-process cache keyed by
-``(model, dtype, device)``. Importing :mod:`mmembed_rag.store` registers the function under ``"mmembed"``;
-a process that reopens a persisted collection must import it before querying by text.
+``(model, dtype, device, encoder options)``. Importing :mod:`mmembed_rag.store` registers the function under
+``"mmembed"``; a process that reopens a persisted collection must import it before querying by text.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from chromadb.api.types import Embeddable, EmbeddingFunction, Embeddings, Space
 from chromadb.utils.embedding_functions import register_embedding_function
 from PIL import Image
 
+from mmembed_rag.devices import DTYPES, resolve_dtype
 from mmembed_rag.encoder import Encoder
-from mmembed_rag.errors import InvalidItemError
+from mmembed_rag.errors import DeviceError, InvalidItemError
 from mmembed_rag.hub import DEFAULT_MODEL
 from mmembed_rag.instructions import resolve_instruction
 from mmembed_rag.items import MultimodalItem, to_item
+from mmembed_rag.options import check_load_only, load_options
 
 from .errors import EmbeddingFunctionConfigError
 
@@ -34,10 +36,9 @@ __all__ = ["MMEmbedEmbeddingFunction", "cached_encoder", "clear_encoder_cache"]
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
-CONFIG_KEYS = ("model", "dtype", "instruction", "batch_size")
+CONFIG_KEYS = ("model", "dtype", "instruction", "batch_size", "encoder_kwargs")
 
-_EncoderKey = tuple[str, str | None, str | None]
+_EncoderKey = tuple[str, str | None, str | None, tuple[tuple[str, Any], ...]]
 _ENCODERS: dict[_EncoderKey, Encoder] = {}
 # One lock for the whole cache: a second thread asking for a model that is loading waits instead of
 # loading it again, and loading two different models at once would only compete for memory anyway.
@@ -51,33 +52,42 @@ def model_reference(model: str | os.PathLike) -> str:
 
 
 def dtype_name(dtype: str | torch.dtype | None) -> str | None:
-    """``None`` or one of :data:`DTYPES`; raises :class:`EmbeddingFunctionConfigError` for anything else."""
+    """``None`` or a name in :data:`~mmembed_rag.devices.DTYPES`; :class:`EmbeddingFunctionConfigError` otherwise."""
     if dtype is None:
         return None
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise EmbeddingFunctionConfigError(f"dtype must be None or one of {', '.join(DTYPES)}, got {dtype!r}")
-    return name
+    try:
+        resolved = resolve_dtype(dtype)
+    except DeviceError:
+        raise EmbeddingFunctionConfigError(
+            f"dtype must be None or one of {', '.join(DTYPES)}, got {dtype!r}") from None
+    return next(name for name, value in DTYPES.items() if value == resolved)
+
+
+def _options_key(encoder_kwargs: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(load_options(encoder_kwargs).load.items()))
 
 
 def cached_encoder(model: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype | None = None,
-                   device: str | None = None) -> Encoder:
-    """Load an encoder once per process for each ``(model, dtype, device)``; thread-safe.
+                   device: str | None = None, encoder_kwargs: Mapping[str, Any] | None = None) -> Encoder:
+    """Load an encoder once per process for each ``(model, dtype, device, encoder_kwargs)``; thread-safe.
 
     Args:
         model: hub id or checkpoint directory (directories are keyed by their absolute path).
         dtype: ``None`` (Encoder's default for the device), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         device: ``None`` (CUDA when available) or a torch device string.
+        encoder_kwargs: Encoder options (``max_length``, ``image_workers``, ``max_image_pixels``,
+            ``url_timeout``; a ``batch_size`` key is ignored here).
 
     Returns:
         The shared :class:`~mmembed_rag.Encoder`.
     """
-    key = (model_reference(model), dtype_name(dtype), None if device is None else str(device))
+    key = (model_reference(model), dtype_name(dtype), None if device is None else str(device),
+           _options_key(encoder_kwargs))
     with _ENCODERS_LOCK:
         encoder = _ENCODERS.get(key)
         if encoder is None:
-            logger.info("loading encoder %s (dtype=%s, device=%s)", *key)
-            encoder = Encoder.from_pretrained(key[0], dtype=key[1], device=key[2])
+            logger.info("loading encoder %s (dtype=%s, device=%s, options=%s)", *key)
+            encoder = Encoder.from_pretrained(key[0], dtype=key[1], device=key[2], **dict(key[3]))
             _ENCODERS[key] = encoder
     return encoder
 
@@ -108,9 +118,12 @@ class MMEmbedEmbeddingFunction(EmbeddingFunction[Embeddable]):
         instruction: query instruction for :meth:`embed_query` (a catalog name such as
             ``"mscoco_t2i"`` or free text); documents never get one.
         batch_size: items per forward pass.
+        encoder_kwargs: Encoder options (``max_length``, ``image_workers``, ``max_image_pixels``, ``url_timeout``,
+            ``batch_size``), recorded in the config so a reopened collection loads the encoder the same way.
+            A ``batch_size`` key sets ``batch_size``.
 
     Raises:
-        EmbeddingFunctionConfigError: bad ``dtype`` or ``batch_size``.
+        EmbeddingFunctionConfigError: bad ``dtype``, ``batch_size`` or ``encoder_kwargs``.
         InvalidItemError, UnknownTaskError: bad ``instruction``.
 
     Example:
@@ -125,7 +138,14 @@ class MMEmbedEmbeddingFunction(EmbeddingFunction[Embeddable]):
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, encoder: Encoder | None = None,
                  dtype: str | torch.dtype | None = None, device: str | None = None,
-                 instruction: str | None = None, batch_size: int = 8) -> None:
+                 instruction: str | None = None, batch_size: int = 8,
+                 encoder_kwargs: Mapping[str, Any] | None = None) -> None:
+        try:
+            options = load_options(encoder_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise EmbeddingFunctionConfigError(str(exc)) from exc
+        if options.batch_size is not None:
+            batch_size = options.batch_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise EmbeddingFunctionConfigError(f"batch_size must be a positive int, got {batch_size!r}")
         resolve_instruction(instruction)  # fail now on a mistyped catalog name, not at the first query
@@ -134,10 +154,12 @@ class MMEmbedEmbeddingFunction(EmbeddingFunction[Embeddable]):
         self.device = None if device is None else str(device)
         self.instruction = instruction
         self.batch_size = batch_size
+        self.encoder_kwargs: dict[str, Any] = dict(options.load)
         self._encoder = encoder
         self._lock = threading.Lock()
         if encoder is not None:
-            _share_encoder(encoder, (self.model, self.dtype, self.device))
+            check_load_only("encoder", encoder_kwargs=self.encoder_kwargs)
+            _share_encoder(encoder, (self.model, self.dtype, self.device, _options_key(self.encoder_kwargs)))
 
     @property
     def encoder(self) -> Encoder:
@@ -145,7 +167,7 @@ class MMEmbedEmbeddingFunction(EmbeddingFunction[Embeddable]):
         if self._encoder is None:
             with self._lock:
                 if self._encoder is None:
-                    self._encoder = cached_encoder(self.model, self.dtype, self.device)
+                    self._encoder = cached_encoder(self.model, self.dtype, self.device, self.encoder_kwargs)
         return self._encoder
 
     def __call__(self, input: Embeddable) -> Embeddings:
@@ -179,8 +201,11 @@ class MMEmbedEmbeddingFunction(EmbeddingFunction[Embeddable]):
         return ["cosine", "ip", "l2"]
 
     def get_config(self) -> dict[str, Any]:
-        return {"model": self.model, "dtype": self.dtype, "instruction": self.instruction,
-                "batch_size": self.batch_size}
+        config = {"model": self.model, "dtype": self.dtype, "instruction": self.instruction,
+                  "batch_size": self.batch_size}
+        if self.encoder_kwargs:
+            config["encoder_kwargs"] = dict(self.encoder_kwargs)
+        return config
 
     @staticmethod
     def build_from_config(config: dict[str, Any]) -> MMEmbedEmbeddingFunction:
@@ -189,7 +214,8 @@ class MMEmbedEmbeddingFunction(EmbeddingFunction[Embeddable]):
         try:
             return MMEmbedEmbeddingFunction(config["model"], dtype=config.get("dtype"),
                                             instruction=config.get("instruction"),
-                                            batch_size=config.get("batch_size", 8))
+                                            batch_size=config.get("batch_size", 8),
+                                            encoder_kwargs=config.get("encoder_kwargs"))
         except InvalidItemError as exc:  # the instruction: report it as the config problem it is
             raise EmbeddingFunctionConfigError(f"mmembed config: {exc}") from exc
 
@@ -219,6 +245,10 @@ class MMEmbedEmbeddingFunction(EmbeddingFunction[Embeddable]):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise EmbeddingFunctionConfigError(
                 f"mmembed config 'batch_size' must be a positive int, got {batch_size!r}")
+        try:
+            load_options(config.get("encoder_kwargs"))
+        except (TypeError, ValueError) as exc:
+            raise EmbeddingFunctionConfigError(f"mmembed config 'encoder_kwargs': {exc}") from exc
 
     def validate_config_update(self, old_config: dict[str, Any], new_config: dict[str, Any]) -> None:
         """Refuse a model change: vectors already stored would live in another embedding space."""
@@ -229,7 +259,8 @@ class MMEmbedEmbeddingFunction(EmbeddingFunction[Embeddable]):
 
     def __repr__(self) -> str:
         return (f"MMEmbedEmbeddingFunction(model={self.model!r}, dtype={self.dtype!r}, "
-                f"instruction={self.instruction!r}, batch_size={self.batch_size})")
+                f"instruction={self.instruction!r}, batch_size={self.batch_size}, "
+                f"encoder_kwargs={self.encoder_kwargs!r})")
 
 
 def chroma_items(inputs: Sequence[Any]) -> list[MultimodalItem]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mmembed_rag.errors import MMEmbedError
 
-__all__ = ["StoreError", "DimensionMismatchError", "EmbeddingFunctionConfigError"]
+__all__ = ["StoreError", "DimensionMismatchError", "ModelMismatchError", "EmbeddingFunctionConfigError"]
 
 
 class StoreError(MMEmbedError, ValueError):
@@ -13,6 +13,10 @@ class StoreError(MMEmbedError, ValueError):
 
 class DimensionMismatchError(StoreError):
     """The model's embedding dimension differs from the vectors already stored in the collection."""
+
+
+class ModelMismatchError(StoreError):
+    """The collection was built with another model: its vectors live in another embedding space."""
 
 
 class EmbeddingFunctionConfigError(StoreError):

@@ -22,15 +22,15 @@ from chromadb.api.types import validate_metadata
 from mmembed_rag.errors import InvalidItemError
 from mmembed_rag.images import describe_source
 from mmembed_rag.items import MultimodalItem
+from mmembed_rag.modality import MODALITIES, MODALITY_KEY, UnknownModalityError, modality, modality_where
 
 from .errors import StoreError
 
-__all__ = ["MODALITIES", "Record", "build_records", "item_from_record", "modality_filter", "combine_where"]
+__all__ = ["MODALITIES", "Record", "build_record", "build_records", "check_id_list", "item_from_record",
+           "modality_filter", "combine_where"]
 
-MODALITY_KEY = "modality"
 IMAGE_URI_KEY = "image_uri"
 RESERVED_KEYS = (MODALITY_KEY, IMAGE_URI_KEY)
-MODALITIES = ("text", "image", "image,text")
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 
 
@@ -43,18 +43,11 @@ class Record:
     metadata: dict[str, Any]
 
 
-def modality(item: MultimodalItem) -> str:
-    """``"text"``, ``"image"`` or ``"image,text"``."""
-    if item.image is None:
-        return "text"
-    return "image" if item.text is None else "image,text"
-
-
 def image_reference(item: MultimodalItem, index: int) -> str | None:
     """The stored reference of the item's image: an absolute path or the URL as given; ``None`` without image.
 
     Raises:
-        InvalidItemError: the image is in memory (PIL, bytes, array) or a data URI.
+        InvalidItemError: the image is in memory (PIL, bytes, array) or a data URI, or its path is a symlink loop.
     """
     image = item.image
     if image is None:
@@ -62,7 +55,11 @@ def image_reference(item: MultimodalItem, index: int) -> str | None:
     if isinstance(image, str) and _SCHEME_RE.match(image):
         return image
     if isinstance(image, Path) or (isinstance(image, str) and image[:5].lower() != "data:"):
-        return str(Path(image).expanduser().resolve())
+        try:
+            return str(Path(image).expanduser().resolve())
+        except (RuntimeError, OSError) as exc:  # Python raises RuntimeError for a symlink loop
+            raise InvalidItemError(f"item {index}: image path {str(image)!r} cannot be resolved "
+                                   f"(a symlink loop?): {exc}") from exc
     raise InvalidItemError(
         f"item {index}: image {describe_source(image)} has no path or URL. A collection stores images by "
         "reference (never as pixels), so an in-memory image could not be shown later: save it to a file "
@@ -85,7 +82,7 @@ def build_records(items: Sequence[MultimodalItem], ids: Sequence[str] | None,
     """
     n = len(items)
     if ids is not None:
-        ids = _check_ids(ids, what="ids")
+        ids = check_id_list(ids)
         if len(ids) != n:
             raise StoreError(f"got {len(ids)} ids for {n} items; pass one id per item (or none)")
         seen: dict[str, int] = {}
@@ -99,19 +96,36 @@ def build_records(items: Sequence[MultimodalItem], ids: Sequence[str] | None,
                              f"got {type(metadatas).__name__}")
         if len(metadatas) != n:
             raise StoreError(f"got {len(metadatas)} metadatas for {n} items; pass one per item (or none)")
-    records = []
-    for index, item in enumerate(items):
-        ref = image_reference(item, index)
-        metadata = _user_metadata(metadatas[index] if metadatas is not None else None, index)
-        metadata[MODALITY_KEY] = modality(item)
-        if ref is not None:
-            metadata[IMAGE_URI_KEY] = ref
-        id_ = ids[index] if ids is not None else content_id(item.text, ref)
-        records.append(Record(id_, item.text, metadata))
-    return records
+    return [build_record(item, index, ids[index] if ids is not None else None,
+                         metadatas[index] if metadatas is not None else None) for index, item in enumerate(items)]
 
 
-def _user_metadata(metadata: Mapping[str, Any] | None, index: int) -> dict[str, Any]:
+def build_record(item: MultimodalItem, index: int, id_: str | None = None,
+                 metadata: Mapping[str, Any] | None = None) -> Record:
+    """One item's record: its text, ``modality`` and ``image_uri`` metadata, and its id (content-derived by default).
+
+    Raises:
+        InvalidItemError: the image has no reference or the metadata is invalid (the message names ``index``).
+    """
+    ref = image_reference(item, index)
+    stored = user_metadata(metadata, index)
+    stored[MODALITY_KEY] = modality(item)
+    if ref is not None:
+        stored[IMAGE_URI_KEY] = ref
+    return Record(id_ if id_ is not None else content_id(item.text, ref), item.text, stored)
+
+
+def check_id_list(ids: Any) -> list[str]:
+    """A list of non-empty strings (possibly empty), or :class:`StoreError` naming the bad entry."""
+    return _check_ids(ids, what="ids")
+
+
+def user_metadata(metadata: Mapping[str, Any] | None, index: int) -> dict[str, Any]:
+    """A copy of the caller's metadata, checked: a dict of Chroma-storable values without the reserved keys.
+
+    Raises:
+        InvalidItemError: naming ``index``.
+    """
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
@@ -168,16 +182,10 @@ def modality_filter(value: str | Sequence[str] | None) -> dict[str, Any] | None:
     Raises:
         StoreError: an unknown modality or an empty list.
     """
-    if value is None:
-        return None
-    values = [value] if isinstance(value, str) else list(value)
-    unknown = [v for v in values if v not in MODALITIES]
-    if unknown or not values:
-        got = repr(unknown[0]) if unknown else "an empty list"
-        raise StoreError(f"modality must be one of {', '.join(map(repr, MODALITIES))} or a list of them, got {got}")
-    if len(values) == 1:
-        return {MODALITY_KEY: values[0]}
-    return {MODALITY_KEY: {"$in": values}}
+    try:
+        return modality_where(value)
+    except UnknownModalityError as exc:
+        raise StoreError(str(exc)) from exc
 
 
 def combine_where(where: Mapping[str, Any] | None, extra: dict[str, Any] | None) -> dict[str, Any] | None:
