@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from .errors import MMEmbedError
 
-__all__ = ["chunked", "pipelined_write", "shift_item_index"]
+__all__ = ["chunked", "pipelined_write", "relabel_item", "shift_item_index"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,28 +44,33 @@ def shift_item_index(exc: BaseException, offset: int | Sequence[int]) -> BaseExc
     ``offset + i`` for an int ``offset``, ``offset[i]`` for a sequence of positions. Exceptions without such a
     message, or whose type cannot be rebuilt from a message, come back unchanged.
     """
+    if isinstance(offset, int):
+        return relabel_item(exc, lambda i: f"item {i + offset}")
+    positions = list(offset)
+    return relabel_item(exc, lambda i: f"item {positions[i]}" if 0 <= i < len(positions) else None)
+
+
+def relabel_item(exc: BaseException, label: Callable[[int], str | None]) -> BaseException:
+    """``exc`` with the ``"item i"`` that starts its message replaced by ``label(i)`` (same type, chained).
+
+    Returns ``exc`` itself when it has no such message, ``label`` returns ``None`` or the same text, or its type
+    cannot be rebuilt from a message.
+    """
     if not isinstance(exc, MMEmbedError) or not exc.args or not isinstance(exc.args[0], str):
         return exc
     message = exc.args[0]
     match = _ITEM_RE.match(message)
     if match is None:
         return exc
-    local = int(match.group(1))
-    if isinstance(offset, int):
-        position = local + offset
-    elif 0 <= local < len(offset):
-        position = offset[local]
-    else:
+    replacement = label(int(match.group(1)))
+    if replacement is None or replacement == match.group(0):
         return exc
-    if position == local:
-        return exc
-    renumbered = f"item {position}{message[match.end():]}"
     try:
-        shifted = type(exc)(renumbered, *exc.args[1:])
+        relabelled = type(exc)(replacement + message[match.end():], *exc.args[1:])
     except TypeError:  # an error class with another constructor: keep the original
         return exc
-    shifted.__cause__ = exc
-    return shifted
+    relabelled.__cause__ = exc
+    return relabelled
 
 
 def pipelined_write(chunks: Iterable[C], encode: Callable[[C], E], write: Callable[[C, E], None],

@@ -309,7 +309,7 @@ def test_bad_retriever_inputs(filled: MMEmbedRetriever, emb: MMEmbedEmbeddings, 
         MMEmbedRetriever(vectorstore=Chroma(f"lc-{uuid.uuid4().hex[:12]}"))
     with pytest.raises(UnknownTaskError, match="mscoco_t2"):
         MMEmbedRetriever(vectorstore=filled.vectorstore, instruction="mscoco_t2")
-    with pytest.raises(ValueError, match="dtype and device apply only when loading"):
+    with pytest.raises(ValueError, match="device applies only when loading"):
         MMEmbedEmbeddings(encoder=tiny_encoder, device="cpu")
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         MMEmbedEmbeddings(encoder=tiny_encoder, instructions="mscoco_t2i")

@@ -257,7 +257,7 @@ def test_bad_settings(mllm: MLLMReranker) -> None:
         MMEmbedReranker(reranker=mllm, weight=-0.5)
     with pytest.raises(ValueError, match="unknown template 'txt2txt'"):  # pydantic wraps the TemplateError
         MMEmbedReranker(reranker=mllm, template="txt2txt")
-    with pytest.raises(ValueError, match="dtype and device apply only when loading"):
+    with pytest.raises(ValueError, match="device applies only when loading"):
         MMEmbedReranker(reranker=mllm, device="cpu")
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         MMEmbedReranker(reranker=mllm, top_k=3)

@@ -96,7 +96,7 @@ def test_settings_and_class_name(embed: MMEmbedEmbedding, tiny_encoder: Encoder)
     assert MMEmbedEmbedding.model_fields["model_name"].default == "nvidia/MM-Embed"
     assert (embed.device, embed.dtype, embed.embed_batch_size) == ("cpu", "float32", 16)
     assert embed.to_dict()["class_name"] == "MMEmbedEmbedding" and embed.encoder is tiny_encoder
-    with pytest.raises(ValueError, match="device and dtype apply when loading"):
+    with pytest.raises(ValueError, match="device applies only when loading"):
         MMEmbedEmbedding(encoder=tiny_encoder, device="cuda")
 
 
@@ -308,7 +308,7 @@ def test_bad_node_is_named_and_nothing_is_written(embed: MMEmbedEmbedding, image
     nodes = [TextNode(text=f"ok {i}") for i in range(9)] + [ImageNode(image_path=missing, id_="bad")]
     with pytest.raises(ImageLoadError, match="missing.png") as info:
         build_index(nodes, embed, store)
-    assert "nodes[8:10]" in str(info.value) and "file not found" in str(info.value)
+    assert str(info.value).startswith("nodes[9] (id 'bad'): cannot load image") and "file not found" in str(info.value)
     assert store.client.count() == 0
 
 

@@ -254,7 +254,7 @@ def test_bad_settings(mllm: MLLMReranker, tiny_encoder: Encoder) -> None:
         MMEmbedRerank(reranker=mllm, combine="weighted", weight=1.5)
     with pytest.raises(TemplateError, match="unknown template 'txt2txt'"):
         MMEmbedRerank(reranker=mllm, template="txt2txt")
-    with pytest.raises(ValueError, match="device and dtype apply when loading"):
+    with pytest.raises(ValueError, match="device applies only when loading"):
         MMEmbedRerank(reranker=mllm, device="cpu")
     index = build_index([TextNode(text="a")], MMEmbedEmbedding(encoder=tiny_encoder))
     with pytest.raises(TypeError, match="reranker must be a BaseNodePostprocessor such as MMEmbedRerank, got str"):

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from langchain_core.embeddings import Embeddings
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from mmembed_rag.encoder import Encoder
 from mmembed_rag.errors import InvalidItemError
 from mmembed_rag.images import ImageSource
 from mmembed_rag.instructions import resolve_instruction
 from mmembed_rag.items import to_item
+from mmembed_rag.options import Shared, check_load_only, load_options
 
 __all__ = ["MMEmbedEmbeddings"]
 
@@ -24,30 +25,49 @@ class MMEmbedEmbeddings(BaseModel, Embeddings):
     Documents are embedded without an instruction; queries with ``query_instruction`` (a catalog name
     such as ``"mscoco_t2i"`` or free text). Vectors are L2-normalised, so dot product is cosine.
 
+    Args:
+        encoder: an already loaded :class:`~mmembed_rag.Encoder` to use instead of loading ``model``; held
+            privately and shared by copies (``model_copy(deep=True)`` does not copy the model).
+        **data: the fields below.
+
     Raises:
         ModelNotFoundError, CheckpointError: ``model`` cannot be loaded.
-        ValueError: ``encoder`` is given together with ``dtype`` or ``device``.
+        ValueError: ``encoder`` is given together with ``dtype``, ``device`` or loading ``encoder_kwargs``; a bad
+            ``encoder_kwargs`` key or value.
         InvalidItemError, UnknownTaskError: ``query_instruction`` is empty or a mistyped catalog name.
     """
 
     model: str | Path = Field(default="nvidia/MM-Embed",
                               description="Hub id or local checkpoint directory; ignored when `encoder` is given.")
-    encoder: Encoder | None = Field(default=None, exclude=True, repr=False,
-                                    description="An already loaded Encoder to use instead of loading `model`.")
     query_instruction: str | None = Field(default=None, description="Instruction for queries (name or text).")
     dtype: str | None = Field(default=None, description="Weights dtype when loading `model`.")
     device: str | None = Field(default=None, description="Device when loading `model`.")
     batch_size: int = Field(default=8, ge=1, description="Items per forward pass.")
+    encoder_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Encoder options: max_length, image_workers, max_image_pixels, url_timeout "
+        "(when loading `model`) and batch_size (same as the `batch_size` field).")
+    _encoder: Shared[Encoder] = PrivateAttr()
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", protected_namespaces=())
 
-    def model_post_init(self, context: Any, /) -> None:
+    def __init__(self, *, encoder: Encoder | None = None, **data: Any) -> None:
+        super().__init__(**data)
         resolve_instruction(self.query_instruction)  # fail now, before loading, on a mistyped catalog name
-        if self.encoder is None:
-            self.encoder = Encoder.from_pretrained(self.model, device=self.device, dtype=self.dtype)
-        elif self.dtype is not None or self.device is not None:
-            raise ValueError("dtype and device apply only when loading `model`; "
-                             "pass them to Encoder.from_pretrained instead of together with `encoder`")
+        options = load_options(self.encoder_kwargs)
+        if options.batch_size is not None:
+            if "batch_size" in data and data["batch_size"] != options.batch_size:
+                raise ValueError("batch_size and encoder_kwargs['batch_size'] differ; give it once")
+            self.batch_size = options.batch_size
+        if encoder is None:
+            encoder = Encoder.from_pretrained(self.model, device=self.device, dtype=self.dtype, **options.load)
+        else:
+            check_load_only("encoder", device=self.device, dtype=self.dtype, encoder_kwargs=options.load)
+        self._encoder = Shared(encoder)
+
+    @property
+    def encoder(self) -> Encoder:
+        """The wrapped Encoder (shared, never copied, by copies of this object)."""
+        return self._encoder.value
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         """Embed documents, never with an instruction.
@@ -115,3 +135,12 @@ class MMEmbedEmbeddings(BaseModel, Embeddings):
     async def aembed_query(self, text: str) -> list[float]:
         """:meth:`embed_query` in a worker thread, keeping the event loop free."""
         return await asyncio.to_thread(self.embed_query, text)
+
+    async def aembed_image(self, uris: list[str]) -> list[list[float]]:
+        """:meth:`embed_image` in a worker thread, keeping the event loop free."""
+        return await asyncio.to_thread(self.embed_image, uris)
+
+    async def aembed_multimodal_query(self, text: str | None = None, image: ImageSource | None = None,
+                                      instruction: str | None = None) -> list[float]:
+        """:meth:`embed_multimodal_query` in a worker thread, keeping the event loop free."""
+        return await asyncio.to_thread(self.embed_multimodal_query, text, image, instruction)

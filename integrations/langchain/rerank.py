@@ -11,12 +11,13 @@ from typing import Any, Literal
 
 from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, PrivateAttr
 
 from mmembed_rag.errors import InvalidItemError
 from mmembed_rag.images import ImageSource
+from mmembed_rag.options import RERANKER_OPTIONS, Shared, check_load_only, load_options
 from mmembed_rag.rerank_templates import RerankTemplate, get_template
-from mmembed_rag.reranker import MLLMReranker, combine_scores
+from mmembed_rag.reranker import MLLMReranker, combine_ranked
 
 from ._common import IMAGE_KEY, RELEVANCE_KEY, RERANK_KEY, SCORE_KEY
 
@@ -42,17 +43,20 @@ class MMEmbedReranker(BaseDocumentCompressor):
 
     Ties keep the given order. ``callbacks`` is accepted and not used (the model call emits no events).
 
+    Args:
+        reranker: an already loaded :class:`~mmembed_rag.reranker.MLLMReranker` to use instead of loading ``model``;
+            held privately and shared by copies (``model_copy(deep=True)`` does not copy the model).
+        **data: the fields below.
+
     Raises:
         ModelNotFoundError: ``model`` cannot be found.
-        ValueError: a bad setting, ``reranker`` together with ``dtype`` or ``device``, an unknown template name or
-            an unloadable checkpoint (pydantic's ``ValidationError`` carries the TemplateError's or CheckpointError's
-            message).
+        ValueError: a bad setting, ``reranker`` together with ``dtype``, ``device`` or loading ``encoder_kwargs``,
+            an unknown template name or an unloadable checkpoint (pydantic's ``ValidationError`` carries the
+            TemplateError's or CheckpointError's message).
     """
 
     model: str | Path = Field(default="llava-hf/llava-v1.6-mistral-7b-hf",
                               description="Hub id or local checkpoint directory; ignored when `reranker` is given.")
-    reranker: MLLMReranker | None = Field(default=None, exclude=True, repr=False,
-                                          description="An already loaded MLLMReranker to use instead of `model`.")
     top_n: int = Field(default=5, ge=1, description="Documents kept (all when fewer).")
     template: str | RerankTemplate | None = Field(default=None, description="Template name or RerankTemplate.")
     combine: Literal["multiply", "weighted"] | None = Field(default=None, description="See the class docstring.")
@@ -60,17 +64,32 @@ class MMEmbedReranker(BaseDocumentCompressor):
     batch_size: int = Field(default=16, ge=1, description="Candidates per forward pass.")
     dtype: str | None = Field(default=None, description="Weights dtype when loading `model`.")
     device: str | None = Field(default=None, description="Device when loading `model`.")
+    encoder_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Reranker options: max_length, max_image_pixels, url_timeout (when "
+        "loading `model`) and batch_size (same as the `batch_size` field).")
+    _reranker: Shared[MLLMReranker] = PrivateAttr()
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", protected_namespaces=())
 
-    def model_post_init(self, context: Any, /) -> None:
+    def __init__(self, *, reranker: MLLMReranker | None = None, **data: Any) -> None:
+        super().__init__(**data)
         if self.template is not None:
             get_template(self.template)  # a mistyped name fails now, not at the first query
-        if self.reranker is None:
-            self.reranker = MLLMReranker.from_pretrained(self.model, device=self.device, dtype=self.dtype)
-        elif self.dtype is not None or self.device is not None:
-            raise ValueError("dtype and device apply only when loading `model`; "
-                             "pass them to MLLMReranker.from_pretrained instead of together with `reranker`")
+        options = load_options(self.encoder_kwargs, RERANKER_OPTIONS)
+        if options.batch_size is not None:
+            if "batch_size" in data and data["batch_size"] != options.batch_size:
+                raise ValueError("batch_size and encoder_kwargs['batch_size'] differ; give it once")
+            self.batch_size = options.batch_size
+        if reranker is None:
+            reranker = MLLMReranker.from_pretrained(self.model, device=self.device, dtype=self.dtype, **options.load)
+        else:
+            check_load_only("reranker", device=self.device, dtype=self.dtype, encoder_kwargs=options.load)
+        self._reranker = Shared(reranker)
+
+    @property
+    def reranker(self) -> MLLMReranker:
+        """The wrapped MLLMReranker (shared, never copied, by copies of this compressor)."""
+        return self._reranker.value
 
     def compress_documents(self, documents: Sequence[Document], query: str | None, callbacks: Callbacks | None = None,
                            *, image: ImageSource | None = None) -> list[Document]:
@@ -96,12 +115,10 @@ class MMEmbedReranker(BaseDocumentCompressor):
         ranked = self.reranker.rerank({"text": query or None, "image": image},
                                       [_candidate(i, doc) for i, doc in enumerate(documents)],
                                       batch_size=self.batch_size, template=self.template)
-        scores = [combine_scores(r.score, documents[r.index].metadata.get(SCORE_KEY), self.combine, self.weight,
-                                 r.index, score_field=f"metadata[{SCORE_KEY!r}]") for r in ranked]
-        order = sorted(range(len(ranked)), key=lambda j: (-scores[j], ranked[j].index))[: self.top_n]
-        return [documents[ranked[j].index].model_copy(update={"metadata": {
-            **documents[ranked[j].index].metadata, RERANK_KEY: ranked[j].score, RELEVANCE_KEY: scores[j]}})
-            for j in order]
+        kept = combine_ranked(ranked, [doc.metadata.get(SCORE_KEY) for doc in documents], self.combine, self.weight,
+                              self.top_n, score_field=f"metadata[{SCORE_KEY!r}]")
+        return [documents[r.index].model_copy(update={"metadata": {
+            **documents[r.index].metadata, RERANK_KEY: r.score, RELEVANCE_KEY: score}}) for r, score in kept]
 
     async def acompress_documents(self, documents: Sequence[Document], query: str | None,
                                   callbacks: Callbacks | None = None, *,

@@ -12,6 +12,7 @@ from llama_index.core.embeddings.multi_modal_base import MultiModalEmbedding
 from llama_index.core.schema import BaseNode, ImageType
 
 from mmembed_rag.encoder import Encoder
+from mmembed_rag.options import Shared, check_load_only, load_options
 
 from ._common import image_source, node_item, query_item
 
@@ -25,8 +26,13 @@ class MMEmbedEmbedding(MultiModalEmbedding):
 
     Args:
         model_name: hub id or local checkpoint directory, loaded when ``encoder`` is not given.
-        encoder: an already loaded :class:`~mmembed_rag.Encoder` (then ``device``/``dtype`` must be left unset).
-        **kwargs: the fields below (``dtype``, ``device``, ``query_instruction``, ``embed_batch_size``, ...).
+        encoder: an already loaded :class:`~mmembed_rag.Encoder` (then ``device``, ``dtype`` and the loading keys of
+            ``encoder_kwargs`` must be left unset). Held privately and shared by copies of this object.
+        **kwargs: the fields below (``dtype``, ``device``, ``query_instruction``, ``embed_batch_size``,
+            ``encoder_kwargs``...).
+
+    Raises:
+        ValueError: loading options together with ``encoder``, or a bad ``encoder_kwargs`` key or value.
     """
 
     model_name: str = Field(default="nvidia/MM-Embed", description="Hub id or local directory of the checkpoint.")
@@ -35,15 +41,23 @@ class MMEmbedEmbedding(MultiModalEmbedding):
     query_instruction: str | None = Field(
         default=None, description="Query task instruction: a catalog name such as 'mscoco_t2i' or free text.")
     embed_batch_size: int = Field(default=8, gt=0, le=2048, description="Items per forward pass of the Encoder.")
-    _encoder: Any = PrivateAttr()
+    encoder_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Encoder options: max_length, image_workers, max_image_pixels, url_timeout "
+        "(when loading `model_name`) and batch_size (same as `embed_batch_size`).")
+    _encoder: Shared[Encoder] = PrivateAttr()
 
     def __init__(self, model_name: str = "nvidia/MM-Embed", encoder: Encoder | None = None, **kwargs: Any) -> None:
         super().__init__(model_name=model_name, **kwargs)
+        options = load_options(self.encoder_kwargs)
+        if options.batch_size is not None:
+            if "embed_batch_size" in kwargs and kwargs["embed_batch_size"] != options.batch_size:
+                raise ValueError("embed_batch_size and encoder_kwargs['batch_size'] differ; give it once")
+            self.embed_batch_size = options.batch_size
         if encoder is None:
-            encoder = Encoder.from_pretrained(model_name, device=self.device, dtype=self.dtype)
-        elif self.device is not None or self.dtype is not None:
-            raise ValueError("device and dtype apply when loading; with encoder=..., set them on the Encoder instead")
-        self._encoder = encoder
+            encoder = Encoder.from_pretrained(model_name, device=self.device, dtype=self.dtype, **options.load)
+        else:
+            check_load_only("encoder", device=self.device, dtype=self.dtype, encoder_kwargs=options.load)
+        self._encoder = Shared(encoder)
         self.device, self.dtype = str(encoder.device), str(encoder.dtype).removeprefix("torch.")
 
     @classmethod
@@ -52,29 +66,31 @@ class MMEmbedEmbedding(MultiModalEmbedding):
 
     @property
     def encoder(self) -> Encoder:
-        """The wrapped Encoder."""
-        return self._encoder
+        """The wrapped Encoder (shared, never copied, by copies of this object)."""
+        return self._encoder.value
 
-    def _queries(self, items: Sequence[Any], instruction: str | None = None) -> list[Embedding]:
-        vectors = self._encoder.encode_queries(items, instruction=instruction or self.query_instruction,
-                                               batch_size=self.embed_batch_size)
+    def embed_query_items(self, items: Sequence[Any], instruction: str | None = None) -> list[Embedding]:
+        """Query embeddings of items (text, image or both each) with ``instruction`` or ``query_instruction``."""
+        vectors = self.encoder.encode_queries(items, instruction=instruction or self.query_instruction,
+                                              batch_size=self.embed_batch_size)
         return vectors.tolist()
 
-    def _documents(self, items: Sequence[Any], show_progress: bool = False) -> list[Embedding]:
-        return self._encoder.encode_documents(items, batch_size=self.embed_batch_size,
-                                              show_progress=show_progress).tolist()
+    def embed_document_items(self, items: Sequence[Any], show_progress: bool = False) -> list[Embedding]:
+        """Document embeddings of items (text, image or both each), never with an instruction."""
+        return self.encoder.encode_documents(items, batch_size=self.embed_batch_size,
+                                             show_progress=show_progress).tolist()
 
     def _get_query_embedding(self, query: str) -> Embedding:
-        return self._queries([query])[0]
+        return self.embed_query_items([query])[0]
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
         return await asyncio.to_thread(self._get_query_embedding, query)
 
     def _get_text_embedding(self, text: str) -> Embedding:
-        return self._documents([text])[0]
+        return self.embed_document_items([text])[0]
 
     def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
-        return self._documents(texts)
+        return self.embed_document_items(texts)
 
     async def _aget_text_embedding(self, text: str) -> Embedding:
         return await asyncio.to_thread(self._get_text_embedding, text)
@@ -86,7 +102,7 @@ class MMEmbedEmbedding(MultiModalEmbedding):
         return self._get_image_embeddings([img_file_path])[0]
 
     def _get_image_embeddings(self, img_file_paths: list[ImageType]) -> list[Embedding]:
-        return self._documents([{"image": image_source(img)} for img in img_file_paths])
+        return self.embed_document_items([{"image": image_source(img)} for img in img_file_paths])
 
     async def _aget_image_embedding(self, img_file_path: ImageType) -> Embedding:
         return await asyncio.to_thread(self._get_image_embedding, img_file_path)
@@ -106,7 +122,7 @@ class MMEmbedEmbedding(MultiModalEmbedding):
         Raises:
             InvalidItemError: neither text nor image. ImageLoadError: the image cannot be loaded.
         """
-        return self._queries([query_item(text, image)], instruction)[0]
+        return self.embed_query_items([query_item(text, image)], instruction)[0]
 
     async def aget_query_embedding_multimodal(self, text: str | None = None, image: ImageType | Any = None,
                                               instruction: str | None = None) -> Embedding:
@@ -115,7 +131,7 @@ class MMEmbedEmbedding(MultiModalEmbedding):
 
     def get_node_embeddings(self, nodes: Sequence[BaseNode], show_progress: bool = False) -> list[Embedding]:
         """Document embeddings of nodes in one Encoder call: text as text, images as image (+ their text)."""
-        return self._documents([node_item(node) for node in nodes], show_progress)
+        return self.embed_document_items([node_item(node) for node in nodes], show_progress)
 
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
         """As an ``IngestionPipeline`` transformation: set ``node.embedding``, images included."""

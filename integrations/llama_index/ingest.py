@@ -11,8 +11,10 @@ from llama_index.core.schema import BaseNode
 from llama_index.core.vector_stores.types import BasePydanticVectorStore
 
 from mmembed_rag.errors import MMEmbedError
+from mmembed_rag.ingest import chunked, pipelined_write, relabel_item
+from mmembed_rag.modality import MODALITY_KEY
 
-from ._common import node_item
+from ._common import index_embed_model, node_item, node_modality
 from .embedding import MMEmbedEmbedding
 
 __all__ = ["add_nodes", "build_index"]
@@ -48,11 +50,14 @@ def add_nodes(index: VectorStoreIndex, nodes: Sequence[BaseNode], embed_model: M
               batch_size: int = 2048, max_batch_size: int | None = None, show_progress: bool = False) -> list[str]:
     """Embed and insert nodes in chunks the store accepts; on any failure remove what this call wrote.
 
-    Nodes that already carry an ``embedding`` are written as they are (as upstream does).
+    Every node is checked before anything is written; chunk k+1 is embedded while chunk k is written. Each stored
+    node carries ``metadata["modality"]`` (``"text"``, ``"image"`` or ``"image,text"``, excluded from the text
+    that is embedded or shown to an LLM) for :class:`MMEmbedRetriever`'s ``modality=`` filter. Nodes that already
+    carry an ``embedding`` are written with it (as upstream does). The caller's nodes are not modified.
 
     Args:
         index: a ``VectorStoreIndex`` (not a ``MultiModalVectorStoreIndex``).
-        nodes: the nodes; every one is checked before anything is written.
+        nodes: the nodes.
         embed_model: default the index's embedding model.
         batch_size: nodes embedded and written per step.
         max_batch_size: the store's per-call limit; default ``client.get_max_batch_size()`` for Chroma.
@@ -62,34 +67,46 @@ def add_nodes(index: VectorStoreIndex, nodes: Sequence[BaseNode], embed_model: M
         The ids written.
 
     Raises:
-        InvalidItemError: a node has neither text nor image (named by id). ImageLoadError: an image cannot be loaded.
+        InvalidItemError: a node has neither text nor image (named by id). ImageLoadError: an image cannot be
+            loaded (named by position and id).
     """
     if isinstance(index, MultiModalVectorStoreIndex):
         raise TypeError("add_nodes writes one collection; MultiModalVectorStoreIndex keeps its own insert path")
-    embed_model = embed_model or getattr(index, "_embed_model", None)
+    embed_model = embed_model or index_embed_model(index)
     if not isinstance(embed_model, MMEmbedEmbedding):
         raise TypeError(f"embed_model must be an MMEmbedEmbedding, got {type(embed_model).__name__}")
     nodes = list(nodes)
     items = {id(node): node_item(node) for node in nodes if node.embedding is None}  # validate before writing
     step = min(batch_size, max_batch_size or _max_batch_size(index.vector_store) or batch_size)
     written: list[str] = []
-    try:
-        for start in range(0, len(nodes), step):
-            chunk = nodes[start:start + step]
-            fresh = [node for node in chunk if node.embedding is None]
-            try:
-                vectors = iter(embed_model._documents([items[id(node)] for node in fresh], show_progress))
-            except MMEmbedError as exc:
-                raise type(exc)(f"nodes[{start}:{start + len(chunk)}]: {exc}") from exc
-            copies = [node.model_copy() for node in chunk]
-            for copy in copies:
-                copy.embedding = copy.embedding if copy.embedding is not None else next(vectors)
-            index.insert_nodes(copies)
-            written += [copy.node_id for copy in copies]
-    except Exception:
-        _rollback(index, written, step)
-        raise
+
+    def encode(chunk: tuple[int, list[BaseNode]]) -> list[list[float]]:
+        start, part = chunk
+        fresh = [(start + i, node) for i, node in enumerate(part) if node.embedding is None]
+        try:
+            return embed_model.embed_document_items([items[id(node)] for _, node in fresh], show_progress)
+        except MMEmbedError as exc:
+            raise relabel_item(exc, lambda i: f"nodes[{fresh[i][0]}] (id {fresh[i][1].node_id!r})") from exc
+
+    def write(chunk: tuple[int, list[BaseNode]], vectors: list[list[float]]) -> None:
+        fresh = iter(vectors)
+        copies = [_stored_copy(node, next(fresh) if node.embedding is None else node.embedding) for node in chunk[1]]
+        index.insert_nodes(copies)
+        written.extend(copy.node_id for copy in copies)
+
+    chunks = ((i * step, part) for i, part in enumerate(chunked(nodes, step)))
+    pipelined_write(chunks, encode, write, lambda: _rollback(index, written, step))
     return written
+
+
+def _stored_copy(node: BaseNode, embedding: list[float]) -> BaseNode:
+    """A copy of ``node`` with its embedding and modality (the modality kept out of embedded and LLM text)."""
+    copy = node.model_copy()
+    copy.embedding = embedding
+    copy.metadata = {**node.metadata, MODALITY_KEY: node_modality(node)}
+    for keys in ("excluded_embed_metadata_keys", "excluded_llm_metadata_keys"):
+        setattr(copy, keys, list(dict.fromkeys([*getattr(node, keys), MODALITY_KEY])))
+    return copy
 
 
 def _rollback(index: VectorStoreIndex, ids: list[str], step: int) -> None:
@@ -105,8 +122,9 @@ def _rollback(index: VectorStoreIndex, ids: list[str], step: int) -> None:
 
 
 def _max_batch_size(store: BasePydanticVectorStore) -> int | None:
-    """Chroma's per-call record limit (5,461 for the embedded client), read from the collection's client."""
+    """Chroma's per-call record limit (5,461 for the embedded client); ``None`` for other stores."""
     if store.class_name() != "ChromaVectorStore":
         return None
-    client = getattr(store.client, "_client", None)  # chromadb keeps its client on the collection
-    return client.get_max_batch_size() if client is not None else None
+    from mmembed_rag.store.connection import max_batch_size
+
+    return max_batch_size(store)

@@ -11,8 +11,9 @@ from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from mmembed_rag.errors import InvalidItemError
 from mmembed_rag.items import MultimodalItem
+from mmembed_rag.options import RERANKER_OPTIONS, Shared, check_load_only, load_options
 from mmembed_rag.rerank_templates import RerankTemplate, get_template
-from mmembed_rag.reranker import MLLMReranker, combine_scores
+from mmembed_rag.reranker import MLLMReranker, combine_ranked
 
 from ._common import node_item, query_item
 
@@ -45,11 +46,14 @@ class MMEmbedRerank(BaseNodePostprocessor):
 
     Args:
         model: hub id or local directory of a LLaVA-NeXT generative checkpoint, loaded when ``reranker`` is not given.
-        reranker: an already loaded :class:`~mmembed_rag.reranker.MLLMReranker` (then leave ``device``/``dtype`` unset).
-        **kwargs: the fields below (``top_n``, ``template``, ``combine``, ``weight``, ``batch_size``, ...).
+        reranker: an already loaded :class:`~mmembed_rag.reranker.MLLMReranker` (then leave ``device``, ``dtype`` and
+            the loading keys of ``encoder_kwargs`` unset).
+        **kwargs: the fields below (``top_n``, ``template``, ``combine``, ``weight``, ``batch_size``,
+            ``encoder_kwargs``...).
 
     Raises:
-        TemplateError: unknown template name. ValueError: ``device``/``dtype`` given with ``reranker``.
+        TemplateError: unknown template name. ValueError: ``device``/``dtype``/``encoder_kwargs`` given with
+            ``reranker``, or a bad ``encoder_kwargs`` key.
     """
 
     model: str = Field(default="llava-hf/llava-v1.6-mistral-7b-hf", description="Hub id or local directory.")
@@ -62,18 +66,26 @@ class MMEmbedRerank(BaseNodePostprocessor):
     batch_size: int = Field(default=16, ge=1, description="Candidates per forward pass.")
     device: str | None = Field(default=None, description="Device when loading `model`.")
     dtype: str | None = Field(default=None, description="Weights dtype when loading `model`.")
-    _reranker: MLLMReranker = PrivateAttr()
+    encoder_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Reranker options: max_length, max_image_pixels, url_timeout (when "
+        "loading `model`) and batch_size (same as the `batch_size` field).")
+    _reranker: Shared[MLLMReranker] = PrivateAttr()
 
     def __init__(self, model: str | os.PathLike = "llava-hf/llava-v1.6-mistral-7b-hf",
                  reranker: MLLMReranker | None = None, **kwargs: Any) -> None:
         super().__init__(model=str(model), **kwargs)
         if self.template is not None:
             get_template(self.template)  # a mistyped name fails now, not at the first query
+        options = load_options(self.encoder_kwargs, RERANKER_OPTIONS)
+        if options.batch_size is not None:
+            if "batch_size" in kwargs and kwargs["batch_size"] != options.batch_size:
+                raise ValueError("batch_size and encoder_kwargs['batch_size'] differ; give it once")
+            self.batch_size = options.batch_size
         if reranker is None:
-            reranker = MLLMReranker.from_pretrained(self.model, device=self.device, dtype=self.dtype)
-        elif self.device is not None or self.dtype is not None:
-            raise ValueError("device and dtype apply when loading; with reranker=..., set them when loading it")
-        self._reranker = reranker
+            reranker = MLLMReranker.from_pretrained(self.model, device=self.device, dtype=self.dtype, **options.load)
+        else:
+            check_load_only("reranker", device=self.device, dtype=self.dtype, encoder_kwargs=options.load)
+        self._reranker = Shared(reranker)
 
     @classmethod
     def class_name(cls) -> str:
@@ -81,8 +93,8 @@ class MMEmbedRerank(BaseNodePostprocessor):
 
     @property
     def reranker(self) -> MLLMReranker:
-        """The wrapped MLLMReranker."""
-        return self._reranker
+        """The wrapped MLLMReranker (shared, never copied, by copies of this postprocessor)."""
+        return self._reranker.value
 
     def _postprocess_nodes(self, nodes: list[NodeWithScore],
                            query_bundle: QueryBundle | None = None) -> list[RerankedNode]:
@@ -92,13 +104,11 @@ class MMEmbedRerank(BaseNodePostprocessor):
             raise InvalidItemError("nodes must be a list of NodeWithScore, got a single NodeWithScore")
         nodes = list(nodes)
         query = query_item(query_bundle.query_str, query_bundle.image_path or None, query_bundle)
-        ranked = self._reranker.rerank(query, [_candidate(i, hit) for i, hit in enumerate(nodes)],
-                                       batch_size=self.batch_size, template=self.template)
-        out = [RerankedNode(node=nodes[r.index].node, rerank_score=r.score, retrieval_score=nodes[r.index].score,
-                            score=combine_scores(r.score, nodes[r.index].score, self.combine, self.weight, r.index))
-               for r in ranked]
-        order = sorted(range(len(out)), key=lambda j: (-out[j].score, ranked[j].index))
-        return [out[j] for j in order[: self.top_n]]
+        ranked = self.reranker.rerank(query, [_candidate(i, hit) for i, hit in enumerate(nodes)],
+                                      batch_size=self.batch_size, template=self.template)
+        kept = combine_ranked(ranked, [hit.score for hit in nodes], self.combine, self.weight, self.top_n)
+        return [RerankedNode(node=nodes[r.index].node, rerank_score=r.score, retrieval_score=nodes[r.index].score,
+                             score=score) for r, score in kept]
 
 
 def _candidate(index: int, hit: Any) -> MultimodalItem:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -13,9 +13,19 @@ from llama_index.core.base.embeddings.base import Embedding, mean_agg
 from llama_index.core.indices.multi_modal.base import MultiModalVectorStoreIndex
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
-from llama_index.core.vector_stores.types import BasePydanticVectorStore, MetadataFilters, VectorStoreQuery
+from llama_index.core.vector_stores.types import (
+    BasePydanticVectorStore,
+    FilterCondition,
+    FilterOperator,
+    MetadataFilter,
+    MetadataFilters,
+    VectorStoreQuery,
+)
 
-from ._common import query_item
+from mmembed_rag.modality import MODALITY_KEY, modalities
+from mmembed_rag.similarity import collection_space, cosine_from_exp_distance
+
+from ._common import index_embed_model, query_item
 from .embedding import MMEmbedEmbedding
 
 __all__ = ["MMEmbedRetriever"]
@@ -37,18 +47,26 @@ class MMEmbedRetriever(BaseRetriever):
         filters: metadata filters passed to the vector store.
         reranker: a postprocessor (e.g. :class:`MMEmbedRerank`) applied to the ``similarity_top_k`` hits with the
             same ``QueryBundle``, image included; it decides how many are returned (``top_n``).
+        modality: keep only nodes of this modality (``"text"``, ``"image"``, ``"image,text"``) or of any in a list:
+            filtered in the vector store (with ``filters``, both must hold) on the ``modality`` metadata that
+            :func:`build_index` / :func:`add_nodes` write. The inference-time remedy for modality bias.
+
+    Raises:
+        UnknownModalityError: an unknown ``modality``. ValueError, TypeError: other bad arguments.
     """
 
     def __init__(self, index: VectorStoreIndex, similarity_top_k: int = 10, instruction: str | None = None,
                  embed_model: MMEmbedEmbedding | None = None, filters: MetadataFilters | None = None,
-                 reranker: BaseNodePostprocessor | None = None, **kwargs: Any) -> None:
+                 reranker: BaseNodePostprocessor | None = None, modality: str | Sequence[str] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if similarity_top_k < 1:
             raise ValueError(f"similarity_top_k must be >= 1, got {similarity_top_k}")
-        embed_model = embed_model or getattr(index, "_embed_model", None)
+        embed_model = embed_model or index_embed_model(index)
         if not isinstance(embed_model, MMEmbedEmbedding):
             raise TypeError(f"embed_model must be an MMEmbedEmbedding, got {type(embed_model).__name__}")
-        self._index, self._embed_model, self._filters = index, embed_model, filters
+        self._index, self._embed_model = index, embed_model
+        self._filters = _with_modality(filters, modality)
         if reranker is not None and not isinstance(reranker, BaseNodePostprocessor):
             raise TypeError(f"reranker must be a BaseNodePostprocessor such as MMEmbedRerank, "
                             f"got {type(reranker).__name__}")
@@ -62,7 +80,7 @@ class MMEmbedRetriever(BaseRetriever):
             return bundle.embedding
         image = bundle.image_path or None
         items = [query_item(t, image, bundle) for t in bundle.embedding_strs] or [query_item(None, image, bundle)]
-        vectors = self._embed_model._queries(items, self._instruction)
+        vectors = self._embed_model.embed_query_items(items, self._instruction)
         if len(vectors) == 1:
             return vectors[0]
         mean = np.asarray(mean_agg(vectors))  # several custom_embedding_strs: upstream's mean, kept unit-length
@@ -90,12 +108,21 @@ class MMEmbedRetriever(BaseRetriever):
         return [NodeWithScore(node=node, score=_cosine(store, s)) for node, s in zip(nodes, similarities)]
 
 
+def _with_modality(filters: MetadataFilters | None, modality: str | Sequence[str] | None) -> MetadataFilters | None:
+    """``filters`` AND the modality condition (either may be absent)."""
+    if modality is None:
+        return filters
+    values = modalities(modality)
+    condition = (MetadataFilter(key=MODALITY_KEY, value=values[0]) if len(values) == 1 else
+                 MetadataFilter(key=MODALITY_KEY, value=values, operator=FilterOperator.IN))
+    if filters is None:
+        return MetadataFilters(filters=[condition])
+    return MetadataFilters(filters=[filters, condition], condition=FilterCondition.AND)
+
+
 def _cosine(store: BasePydanticVectorStore, similarity: float | None) -> float | None:
-    """Undo ChromaVectorStore's ``exp(-distance)``: unit vectors have l2 = 2 - 2cos, cosine/ip = 1 - cos."""
+    """Undo ChromaVectorStore's ``exp(-distance)`` (other stores' similarities pass through)."""
     if similarity is None or store.class_name() != "ChromaVectorStore":
         return similarity
-    collection = store.client
-    config = getattr(collection, "configuration", None) or {}
-    space = next((c["space"] for c in (config.get("hnsw"), config.get("spann")) if c and c.get("space")),
-                 (collection.metadata or {}).get("hnsw:space", "l2"))
-    return 1.0 + (0.5 if space == "l2" else 1.0) * math.log(similarity)
+    collection = store.client  # ChromaVectorStore's public handle on its chromadb Collection
+    return cosine_from_exp_distance(similarity, collection_space(collection.configuration_json, collection.metadata))

@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import chromadb
 from chromadb.api import ClientAPI
@@ -17,7 +18,7 @@ from chromadb.errors import ChromaError
 
 from .errors import StoreError
 
-__all__ = ["TOKEN_HEADERS", "make_client", "check_writable"]
+__all__ = ["TOKEN_HEADERS", "make_client", "check_writable", "max_batch_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,3 +131,30 @@ def _writable(path: Path) -> bool:
     if os.access in os.supports_effective_ids:
         return os.access(path, os.W_OK, effective_ids=True)
     return os.access(path, os.W_OK)
+
+
+def max_batch_size(store: Any) -> int | None:
+    """The per-call record limit of the Chroma client behind ``store``, or ``None`` when ``store`` is not Chroma.
+
+    ``store``: a chromadb ``Collection``, LlamaIndex's ``ChromaVectorStore`` or ``langchain_chroma.Chroma``.
+
+    None of chromadb 1.5, llama-index-vector-stores-chroma or langchain-chroma exposes the limit, or the client
+    that knows it, publicly: a ``Collection`` keeps its client in ``_client``, ``ChromaVectorStore`` hands out
+    the collection as ``client``, ``langchain_chroma.Chroma`` keeps it in ``_collection``. This function is
+    the one place in the library that reads those attributes.
+    """
+    collection = _chroma_collection(store)
+    client = getattr(collection, "_client", None) if collection is not None else None
+    return client.get_max_batch_size() if client is not None else None
+
+
+def _chroma_collection(store: Any) -> Any:
+    from chromadb.api.models.CollectionCommon import CollectionCommon
+
+    if isinstance(store, CollectionCommon):
+        return store
+    for attribute in ("client", "_collection"):  # ChromaVectorStore.client, langchain_chroma.Chroma._collection
+        candidate = getattr(store, attribute, None)
+        if isinstance(candidate, CollectionCommon):
+            return candidate
+    return None
