@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform
 import random
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["WORDS", "add_output_args", "clip_vision_config", "emit", "goal", "mistral_config", "print_table",
+__all__ = ["WORDS", "add_output_args", "clip_vision_config", "emit", "goal", "machine", "mistral_config", "print_table",
            "random_text", "setup_logging", "synthetic_image", "tiny_vocab"]
 
 # Caption / passage vocabulary; with the tiny checkpoints' BPE a word is about two tokens.
@@ -110,8 +113,19 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
 
 
+def machine() -> dict[str, Any]:
+    """Where a figure was measured: host, CPUs, accelerator, library versions."""
+    import torch
+
+    return {"host": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+
+
 def emit(result: dict[str, Any], json_path: Path | None) -> None:
-    """Print the result as the final JSON line and write it to ``json_path`` when given."""
+    """Print the result (with the date and :func:`machine`) as the final JSON line; also write it to ``json_path``."""
+    result = {**result, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine()}
     line = json.dumps(result, sort_keys=True)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,13 +10,16 @@ Measured side by side in one run:
 
 1. pipeline efficiency = end-to-end ``encode_documents(items, batch_size=B)`` items/s divided by
    forward-only items/s (``encoder.model(...)`` alone on the same batches, pre-built with
-   ``encoder.batches``); best of ``--rounds`` interleaved rounds after one warm-up pass. Goal >= 0.90.
-   Other processes' CPU use during each run is read from /proc/stat and reported: it skews timings.
+   ``encoder.batches``), per round, over ``--rounds`` (default 5) interleaved rounds after one warm-up pass:
+   the median is held to the goal (>= 0.90), and the spread (min, max, every round) is reported, since one
+   or two runs on a shared machine can land on either side of 1.0. Both sides run with the same
+   ``OMP_WAIT_POLICY`` (recorded). Other processes' CPU use during each run is read from /proc/stat.
 2. padding waste = tokens computed (per batch: rows x longest row) / tokens needed (sum of lengths),
    for the encoder's length-sorted batches and for batches in input order, on a 2000-item corpus of the
    same mix (64 px images: only lengths matter) and on the timed one. Goal <= 1.10, sorted, 2000 items.
-3. speedup of batched end-to-end encoding over one ``encode_documents([item])`` call per item, the loop
-   the CLIP wrappers of LlamaIndex / LangChain / Chroma run. Reported, no goal.
+3. speedup of batched end-to-end encoding over one ``encode_documents([item])`` call per item: this
+   Encoder called once per item, the calling pattern (not the models) of the per-item loops in the CLIP
+   embedding wrappers of LlamaIndex / LangChain / Chroma. Reported, no goal.
 
 OpenMP: unless ``OMP_WAIT_POLICY`` is set, it is set to PASSIVE before torch loads. With libgomp's
 default spin-waiting on a CPU shared with other processes, forward-only passes (no other OpenMP team
@@ -160,12 +163,12 @@ def one_at_a_time(encoder: Encoder, items: list[MultimodalItem]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=8, help="encode_documents batch size (default 8)")
-    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 3, quick 1)")
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 5, quick 1)")
     parser.add_argument("--padding-items", type=int, help="items in the padding corpus (default 2000, quick 200)")
     add_output_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 5)
     batch_size, counts = args.batch_size, CORPUS["quick" if args.quick else "default"]
 
     with tempfile.TemporaryDirectory(prefix="mmembed-bench-") as tmp:
@@ -209,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
 
     n = len(items)
     best = {k: min(v) for k, v in runs.items()}
-    efficiency = best["fwd"] / best["e2e"]  # (n / e2e) / (n / fwd)
-    paired = statistics.median(f / e for f, e in zip(runs["fwd"], runs["e2e"]))
+    ratios = [f / e for f, e in zip(runs["fwd"], runs["e2e"])]  # per round: (n / e2e) / (n / fwd)
+    efficiency = statistics.median(ratios)
     speedup = best["loop"] / best["e2e"]
     goals = {"pipeline_efficiency": goal(efficiency, 0.90, True),
              "padding_waste_sorted": goal(pad_large[0], 1.10, False)}
@@ -225,14 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print()
     print_table(["metric", "value", "goal", "status"], [
-        ["1. pipeline efficiency (e2e / forward items/s)", efficiency, ">= 0.90", status["pipeline_efficiency"]],
-        ["   median of per-round paired ratios", paired, "", ""],
+        [f"1. pipeline efficiency (e2e / forward items/s), median of {rounds}", efficiency, ">= 0.90",
+         status["pipeline_efficiency"]],
+        ["   min / max over the rounds", f"{min(ratios):.3f} / {max(ratios):.3f}", "", ""],
+        ["   ratio of the best runs", best["fwd"] / best["e2e"], "", ""],
         ["   share of e2e wall time inside model.forward", statistics.median(inside), "", ""],
         ["   if prep were not overlapped at all", best["fwd"] / (best["fwd"] + prep_s), "", ""],
         [f"2. padding waste, sorted, {len(pad_corpus)} items", pad_large[0], "<= 1.10", status["padding_waste_sorted"]],
         [f"   input order, {len(pad_corpus)} items", pad_large[1], "", ""],
         [f"   sorted / input order, timed {n} items", f"{pad_timed[0]:.3f} / {pad_timed[1]:.3f}", "", ""],
-        ["3. speedup over one-item-at-a-time loop", speedup, "", ""],
+        ["3. speedup over one encode_documents call per item", speedup, "", ""],
     ])
     missed = [k for k, g in goals.items() if not g["met"]]
     print(f"\nother processes used up to {100 * max(foreign):.0f}% of the CPUs during timed runs"
@@ -242,10 +247,13 @@ def main(argv: list[str] | None = None) -> int:
           "threads": torch.get_num_threads(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "params": params,
           "items": n, "item_kinds": kinds, "tokens": tokens, "batch_size": batch_size, "rounds": rounds,
           "seconds": {k: [round(x, 3) for x in v] for k, v in runs.items()}, "prep_serial_s": round(prep_s, 3),
-          "items_per_s": {k: round(n / v, 3) for k, v in best.items()}, "efficiency_paired_median": round(paired, 4),
+          "items_per_s": {k: round(n / v, 3) for k, v in best.items()},
+          "efficiency_per_round": [round(r, 4) for r in ratios],
+          "efficiency_min_max": [round(min(ratios), 4), round(max(ratios), 4)],
+          "efficiency_best_runs": round(best["fwd"] / best["e2e"], 4),
           "e2e_share_in_forward": round(statistics.median(inside), 4), "foreign_cpu_max": round(max(foreign), 3),
           "padding_items": len(pad_corpus), "padding_waste_input_order": round(pad_large[1], 4),
-          "padding_waste_timed": [round(x, 4) for x in pad_timed], "speedup_vs_one_at_a_time": round(speedup, 3),
+          "padding_waste_timed": [round(x, 4) for x in pad_timed], "speedup_vs_one_call_per_item": round(speedup, 3),
           "goals": goals, "all_goals_met": not missed}, args.json)
     return 0
 

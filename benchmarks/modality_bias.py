@@ -4,7 +4,8 @@ Runs :func:`mmembed_rag.finetune.pipeline.run_pipeline` with its defaults (a tin
 checkpoint; the generated M-BEIR-format benchmark: 8 tasks x 200 training queries (160 for NIGHTS), 50 test
 queries per task, a 1,150-candidate global test pool holding text, image and image+text candidates; stage-1
 random negatives from each task's own pool, so nothing in stage 1 teaches modality) and reports, per stage,
-on the test split:
+on the split ``--split`` names: ``val`` (50 queries per task, generated apart from test) to tune settings,
+``test`` (the default) to report them:
 
 * ``recall@5`` and ``modality_accuracy``: global pool, mean over the cross-modal tasks (query and
   candidate modalities differ: t->i, t->(i,t), i->t, (i,t)->t, (i,t)->i);
@@ -40,11 +41,15 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine  # noqa: E402
 
 from mmembed_rag.encoder import Encoder
 from mmembed_rag.finetune.arguments import load_arguments
@@ -69,13 +74,13 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def control(result: PipelineResult, show_progress: bool) -> dict[str, Any]:
+def control(result: PipelineResult, show_progress: bool, split: str) -> dict[str, Any]:
     """Stage 2's training (same arguments, same start) with stage 1's random negatives instead of mined ones.
 
     Separates what the hard negatives do from what 200 more steps do. Cached next to the pipeline's steps.
     """
     first, second = result.stages["stage1"], result.stages["stage2"]
-    directory = result.workdir / f"control-{second.key}"
+    directory = result.workdir / f"control-{second.key}-{split}"
     if (directory / "summary.json").is_file():
         return json.loads((directory / "summary.json").read_text())
     args = load_arguments(None, {**second.args, "output_dir": str(directory),  # model_path: stage 2's start
@@ -83,7 +88,7 @@ def control(result: PipelineResult, show_progress: bool) -> dict[str, Any]:
     wall, cpu = time.perf_counter(), time.process_time()
     model_dir = train(args, *training_data(args, **{**first.data, "negatives": "auto"}))
     encoder = Encoder.from_pretrained(model_dir, max_length=args.max_length)
-    report = evaluate(encoder, load_benchmark(result.data_dir, "test"), *load_text_benchmark(result.data_dir, "test"),
+    report = evaluate(encoder, load_benchmark(result.data_dir, split), *load_text_benchmark(result.data_dir, split),
                       ks=(1, 5, 10), batch_size=32, show_progress=None if show_progress else False)
     summary = {**stage_summary(report), "time": {"wall": round(time.perf_counter() - wall, 1),
                                                  "cpu": round(time.process_time() - cpu, 1)}}
@@ -152,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--c2-start", type=int, default=45)
     parser.add_argument("--hard-negatives", type=int, default=4, help="mined negatives per query")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=("val", "test"), default="test",
+                        help="where every stage is evaluated: tune settings on 'val', report on 'test' (default)")
     parser.add_argument("--no-control", action="store_true",
                         help="skip the control run (stage 2's training with stage 1's random negatives)")
     parser.add_argument("--progress", action="store_true", help="progress bars")
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {stage: _overrides(getattr(args, stage)) for stage in STAGES}
     benchmark = Benchmark()
     if args.quick:
-        benchmark = Benchmark(n_train=24, n_test=10)
+        benchmark = Benchmark(n_train=24, n_test=10, n_val=10)
         for stage in STAGES:
             overrides[stage] = {"max_steps": 4, "batch_size": 8, "warmup_steps": 1, **overrides[stage]}
     wall, cpu = time.perf_counter(), time.process_time()
@@ -172,12 +179,14 @@ def main(argv: list[str] | None = None) -> int:
                               stage3=overrides["stage3"], stage2_init=args.stage2_init,
                               stage1_negatives=args.stage1_negatives, text_fraction=args.text_fraction,
                               mining=MiningOptions(c2_start=args.c2_start, num_negatives=args.hard_negatives),
-                              benchmark=benchmark, seed=args.seed, show_progress=args.progress)
+                              benchmark=benchmark, seed=args.seed, eval_split=args.split,
+                              show_progress=args.progress)
         stages = result.summary()
-        ctrl = None if args.no_control else control(result, args.progress)
+        ctrl = None if args.no_control else control(result, args.progress, args.split)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    output = {**stages, "claims": _claims(stages, ctrl), **({"control": ctrl} if ctrl is not None else {}),
+    output = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+              **stages, "claims": _claims(stages, ctrl), **({"control": ctrl} if ctrl is not None else {}),
               "timing": {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
                          "process_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
                          "torch_threads": args.threads, "steps": result.timings},
@@ -185,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {"stage_args": {n: s.args for n, s in result.stages.items()}, "stage2_init": args.stage2_init,
                            "stage1_negatives": args.stage1_negatives, "text_fraction": args.text_fraction,
                            "c2_start": args.c2_start, "hard_negatives": args.hard_negatives, "seed": args.seed,
+                           "split": args.split,
                            "benchmark": asdict(benchmark)}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(output, indent=2, default=str) + "\n")

@@ -99,6 +99,7 @@ class Benchmark:
 
     n_train: int = 200
     n_test: int = 50
+    n_val: int = 50
     image_size: int = 64
     distractors: float = 1.0
     seed: int = 0
@@ -293,6 +294,7 @@ class _Context:
     seed: int
     show_progress: bool
     eval_batch_size: int
+    eval_split: str
     test: MBEIRDataset
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -312,13 +314,13 @@ class _Context:
 
 
 def _evaluated(ctx: _Context, directory: Path, marker: dict[str, Any], max_length: int) -> EvaluationReport:
-    """The stage's evaluation on the test split, from its marker when the model and test data are unchanged."""
-    eval_key = _hash("eval", marker["key"], ctx.data_key)
+    """The stage's evaluation on the evaluation split, from its marker when the model and data are unchanged."""
+    eval_key = _hash("eval", marker["key"], ctx.data_key, ctx.eval_split)
     if marker.get("eval_key") == eval_key:
         return report_from_dict(marker["report"])
     with ctx.timed(f"{marker['name']}_eval"):
         encoder = Encoder.from_pretrained(directory / "model", max_length=max_length)
-        report = evaluate(encoder, ctx.test, *load_text_benchmark(ctx.data, "test"), pools=("local", "global"),
+        report = evaluate(encoder, ctx.test, *load_text_benchmark(ctx.data, ctx.eval_split), pools=("local", "global"),
                           ks=(1, 5, 10), batch_size=ctx.eval_batch_size, cache_dir=ctx.workdir / "cache",
                           model_key=marker["key"], show_progress=ctx.progress)
     (directory / "eval.md").write_text(report.to_markdown())
@@ -408,7 +410,8 @@ def run_pipeline(workdir: str | os.PathLike, *, base_model: str | os.PathLike | 
                  mining: MiningOptions = MiningOptions(), stage2_init: Literal["stage1", "base"] = "stage1",
                  stage1_negatives: Literal["local", "global"] = "local", text_fraction: float = 0.2,
                  tiny_model: TinyModel = TinyModel(), benchmark: Benchmark = Benchmark(), eval_batch_size: int = 32,
-                 export_dtype: str | None = None, seed: int = 0, show_progress: bool = True) -> PipelineResult:
+                 export_dtype: str | None = None, seed: int = 0, eval_split: Literal["test", "val"] = "test",
+                 show_progress: bool = True) -> PipelineResult:
     """Run (or resume) the staged recipe in ``workdir``; cached steps are reused.
 
     Args:
@@ -431,6 +434,7 @@ def run_pipeline(workdir: str | os.PathLike, *, base_model: str | os.PathLike | 
         eval_batch_size: encoding batch size for mining and evaluation.
         export_dtype: dtype of the exported final model (default: the training dtype).
         seed: training, sampling and tiny-model seed (stage k trains with ``seed + k``).
+        eval_split: the split every stage is evaluated on: ``"val"`` while tuning settings, ``"test"`` to report.
         show_progress: progress bars.
 
     Returns:
@@ -449,7 +453,7 @@ def run_pipeline(workdir: str | os.PathLike, *, base_model: str | os.PathLike | 
     data = _prepare_data(workdir, data_dir, benchmark)
     base, base_key = _prepare_base(workdir, base_model, tiny_model, seed)
     ctx = _Context(workdir, data, _tree_fingerprint(data), base_model is None, seed, show_progress, eval_batch_size,
-                   load_benchmark(data, "test"))
+                   eval_split, load_benchmark(data, eval_split))
     train_set = load_benchmark(data, "train")
     ctx.timings["setup"] = {"wall": round(time.perf_counter() - wall, 2), "cpu": round(time.process_time() - cpu, 2)}
     common = {"pool": ctx.file("train", "global_pool"), "instructions": data / "instructions/query_instructions.tsv",

@@ -350,7 +350,8 @@ def _text_set(rng: random.Random, n: int, extra: int, split: str) -> tuple[list[
 
 def generate_benchmark(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 200, n_test: int = 50,
                        image_size: int = 64, distractors: float = 1.0, n_text_train: int | None = None,
-                       n_text_test: int | None = None) -> dict[str, Any]:
+                       n_text_test: int | None = None, n_val: int = 50, n_text_val: int | None = None
+                       ) -> dict[str, Any]:
     """Write the benchmark under ``out_dir`` and return its manifest (also written as ``manifest.json``).
 
     Args:
@@ -358,9 +359,12 @@ def generate_benchmark(out_dir: str | os.PathLike, seed: int = 0, n_train: int =
         seed: every image, caption and id is a function of the seed and the sizes.
         n_train, n_test: queries per task and split (task 4 is capped at 160, the number of
             shape x colour x fill kinds; its distractors too).
+        n_val: queries per task of the validation split (tune on it, report on test; 0: no such split).
+            Each split draws from its own random stream, so adding it leaves train and test unchanged.
         image_size: side of the square images in pixels.
         distractors: extra candidates per local pool, as a multiple of the number of queries.
-        n_text_train, n_text_test: queries of the text-to-text set (default ``n_train`` / ``n_test``).
+        n_text_train, n_text_test, n_text_val: queries of the text-to-text set (default ``n_train`` /
+            ``n_test`` / ``n_val``).
 
     Returns:
         The manifest: per task and split the queries, local pool and qrels files and counts; per split the
@@ -374,7 +378,10 @@ def generate_benchmark(out_dir: str | os.PathLike, seed: int = 0, n_train: int =
     rows += [f"{M_BEIR_DATASETS[TASK_DATASETS[t]]}\t{TASK_DATASETS[t]}\t" + "\t".join(M_BEIR_TASKS[t]) + "\t"
              + "\t".join(prompts) for t, prompts in INSTRUCTIONS.items()]
     (root / manifest["instructions"]).write_text("\n".join(rows) + "\n", encoding="utf-8")
-    for split, n in (("train", n_train), ("test", n_test)):
+    sizes = {"train": (n_train, n_text_train), "val": (n_val, n_text_val), "test": (n_test, n_text_test)}
+    for split, (n, n_text) in sizes.items():
+        if n == 0:
+            continue
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as saver:  # PNG encoding drops the GIL
             writer, extra = _Split(root, split, seed, image_size, saver), round(distractors * n)
             for task_id in TASK_DATASETS:
@@ -408,7 +415,7 @@ def generate_benchmark(out_dir: str | os.PathLike, seed: int = 0, n_train: int =
         write_jsonl_atomic(root / files["global_pool"], union_pool.values())
         _write_lines(root / files["qrels"], union_qrels)
         manifest["splits"][split] = {**files, "n_queries": len(union_queries), "n_candidates": len(union_pool)}
-        n_text = (n_text_train if split == "train" else n_text_test) or n
+        n_text = n_text or n
         text_queries, corpus = _text_set(random.Random(f"synthetic:{seed}:{split}:text"), n_text, extra, split)
         write_jsonl_atomic(root / f"text/{split}.jsonl", text_queries)
         write_jsonl_atomic(root / f"text/corpus_{split}.jsonl", corpus)

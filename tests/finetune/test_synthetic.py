@@ -104,3 +104,17 @@ def test_too_many_queries_is_an_error(tmp_path: Path) -> None:
 
 def test_loaded_dataset_type(bench: Path) -> None:
     assert isinstance(load_benchmark(bench, "test", check_images=False), MBEIRDataset)
+
+
+def test_validation_split_is_separate_and_leaves_train_and_test_unchanged(tmp_path: Path) -> None:
+    with_val = generate_benchmark(tmp_path / "a", n_train=6, n_test=4, n_val=3)
+    without = generate_benchmark(tmp_path / "b", n_train=6, n_test=4, n_val=0)
+    assert set(with_val["splits"]) == {"train", "val", "test"} and set(without["splits"]) == {"train", "test"}
+    for split in ("train", "test"):
+        for key in ("queries", "global_pool", "qrels"):
+            name = with_val["splits"][split][key]
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), (split, key)
+    val, test = load_benchmark(tmp_path / "a", "val"), load_benchmark(tmp_path / "a", "test")
+    assert len(val.queries) == 3 * len(set(val.tasks)) and set(val.tasks) == set(test.tasks)
+    captions = {c.txt for c in val.pool.values() if c.txt} & {c.txt for c in test.pool.values() if c.txt}
+    assert len(captions) < len({c.txt for c in val.pool.values() if c.txt})  # drawn apart, not a copy of test
