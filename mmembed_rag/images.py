@@ -4,7 +4,9 @@ Accepted sources: a ``PIL.Image.Image``; a filesystem path (``str`` or ``pathlib
 ``bytearray``; a ``data:`` URI (base64 or percent-encoded); an ``http(s)://`` URL; a ``numpy`` ``uint8``
 (or ``bool``) array shaped HxW, HxWx1, HxWx3 or HxWx4. The pixel count is checked from the header before
 any pixel data is decoded. PIL's own global ``Image.MAX_IMAGE_PIXELS`` guard is left untouched, so images
-beyond it are still refused by PIL even when ``max_pixels=None``. Every failure raises
+beyond it are still refused by PIL even when ``max_pixels=None``. Only regular files are read (a FIFO or a
+device would block or never end); a URL fetch is bounded in time as a whole (connect, headers and body share one
+deadline) and in size, and follows redirects to http(s) URLs only. Every failure raises
 :class:`~mmembed_rag.errors.ImageLoadError`.
 """
 
@@ -12,11 +14,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import http.client
 import io
 import logging
+import os
 import re
+import socket
+import stat
 import struct
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -104,15 +111,16 @@ def load_image(
         index: Position of the owning item; when given, error messages start with ``"item {index}: "``.
         max_pixels: Refuse images whose ``width * height`` exceeds this, checked before decoding.
             ``None`` disables this check.
-        timeout: Socket timeout in seconds for URL fetches (per connect/read operation).
+        timeout: Seconds a URL fetch may take in all (connect, headers and body share one deadline, so a
+            server that trickles bytes cannot keep it alive).
         release_compatible: convert as the release does (see above) instead of the upright, white-composited RGB.
 
     Returns:
         A loaded ``PIL.Image.Image`` in mode ``RGB``.
 
     Raises:
-        ImageLoadError: The source has an unsupported type, cannot be read, fetched or decoded, or is
-            too large.
+        ImageLoadError: The source has an unsupported type, cannot be read, fetched or decoded, is not a
+            regular file, has no pixels (0xN), or is too large.
     """
     prefix = f"item {index}: " if index is not None else ""
     desc = _shorten(describe_source(source))
@@ -121,6 +129,8 @@ def load_image(
         return ImageLoadError(f"{prefix}cannot load image {desc!r}: {reason}")
 
     def check_size(width: int, height: int) -> None:
+        if width < 1 or height < 1:  # PIL and numpy allow 0xN images; embedding one would embed nothing
+            raise fail(f"image has no pixels ({width}x{height})")
         if max_pixels is not None and width * height > max_pixels:
             raise fail(f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}")
 
@@ -143,17 +153,37 @@ def load_image(
         raise fail(f"unsupported image source type {type(source).__name__}; expected {_ACCEPTED}")
     if not str(source):
         raise fail("empty path")
-    path = Path(source).expanduser()
+    with _open_regular_file(Path(source).expanduser(), fail) as fp:
+        return _decode(fp, fail, check_size, release_compatible)
+
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _open_regular_file(path: Path, fail: _Fail) -> BinaryIO:
+    """Open ``path`` for reading if it is a regular file (checked on the opened descriptor: no race)."""
     try:
-        fp = None if path.is_dir() else path.open("rb")
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError as exc:
         raise fail("file not found") from exc
-    except (OSError, ValueError) as exc:  # permission denied, name too long, NUL byte in path...
+    except IsADirectoryError as exc:
+        raise fail("path is a directory, not an image file") from exc
+    except (OSError, ValueError) as exc:  # permission denied, name too long, symlink loop, NUL byte in path...
         raise fail(f"cannot read file ({getattr(exc, 'strerror', None) or exc})") from exc
-    if fp is None:
-        raise fail("path is a directory, not an image file")
-    with fp:
-        return _decode(fp, fail, check_size, release_compatible)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise fail("path is a directory, not an image file")
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+            raise fail(f"path is {kind}, not a regular image file")
+        os.set_blocking(fd, True)  # a regular file ignores the flag; cleared so the reads are plain ones
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _decode(fp: BinaryIO, fail: _Fail, check_size: Callable[[int, int], None],
@@ -243,12 +273,101 @@ def _decode_data_uri(uri: str, fail: _Fail) -> bytes:
     return urllib.parse.unquote_to_bytes(payload)
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads sharing one deadline: each waits at most until it, however the server paces its bytes."""
+
+    def __init__(self, raw: io.RawIOBase, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._raw, self._sock, self._deadline = raw, sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int | None:  # type: ignore[override]
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the fetch's deadline passed")
+        self._sock.settimeout(remaining)
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()  # the socket's own reader: closing it releases the socket
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    def __init__(self, sock: socket.socket, *args: object, deadline: float, **kwargs: object) -> None:
+        super().__init__(sock, *args, **kwargs)
+        # Status line, headers and body are read through the deadline; the socket reader is kept (it holds the
+        # socket open after urllib closes the connection's reference).
+        self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline))
+
+
+class _DeadlineHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: object, deadline: float, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
+
+
+class _DeadlineHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: object, deadline: float, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: float) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_DeadlineHTTPConnection, deadline=self._deadline), req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: float) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_DeadlineHTTPSConnection, deadline=self._deadline), req,
+                            context=self._context)
+
+
+class _RefusedRedirect(Exception):
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.url = url
+
+
+class _HTTPOnlyRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only: urllib's default also follows ``ftp://``, past our scheme check."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: BinaryIO, code: int, msg: str,
+                         headers: http.client.HTTPMessage, newurl: str) -> urllib.request.Request | None:
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            fp.close()
+            raise _RefusedRedirect(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def _fetch(url: str, timeout: float, fail: _Fail) -> bytes:
     logger.debug("fetching image %s (timeout %.1fs)", _shorten(url), timeout)
+    deadline = time.monotonic() + timeout
+    opener = urllib.request.build_opener(_DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline),
+                                         _HTTPOnlyRedirectHandler())
     request = urllib.request.Request(url, headers={"User-Agent": "mmembed-rag"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (scheme checked)
+        with opener.open(request, timeout=timeout) as response:  # scheme checked by the caller and on redirects
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > MAX_DOWNLOAD_BYTES:
+                raise fail(f"response of {declared} bytes is larger than {MAX_DOWNLOAD_BYTES} bytes")
             data = response.read(MAX_DOWNLOAD_BYTES + 1)
+    except ImageLoadError:
+        raise
+    except _RefusedRedirect as exc:
+        raise fail(f"redirected to {_shorten(exc.url)!r}: only http and https URLs are fetched") from None
     except urllib.error.HTTPError as exc:
         raise fail(f"HTTP error {exc.code} {exc.reason}") from exc
     except urllib.error.URLError as exc:

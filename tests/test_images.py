@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import io
+import os
+import re
 import socket
 import threading
 import time
@@ -346,3 +349,150 @@ def test_encoder_switch_reproduces_release_image_handling(tiny_checkpoint, tmp_p
     as_release = default.encode_documents([{"img": Image.open(tmp_path / "clear.png").convert("RGB")}])
     np.testing.assert_allclose(exact.encode_documents(item), as_release, atol=1e-6)
     assert np.abs(default.encode_documents(item) - as_release).max() > 1e-3
+
+
+# --- hostile inputs (issue 11) ----------------------------------------------------------------
+
+
+def _load_in_thread(source: object, seconds: float = 5.0, **kwargs: object) -> BaseException | None:
+    """load_image(source) in a thread: the error it raised, None on success; fails the test if it hangs."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            load_image(source, **kwargs)  # type: ignore[arg-type]
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 (handed to the test thread)
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"load_image({source!r}) still blocked after {seconds}s"
+    return outcome[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_is_refused_not_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    try:
+        error = _load_in_thread(fifo, index=2)
+    finally:
+        with contextlib.suppress(OSError):  # release a reader blocked in open() (the old behaviour)
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert isinstance(error, ImageLoadError)
+    assert re.fullmatch(r"item 2: cannot load image '.*pipe\.png': path is a FIFO \(named pipe\), "
+                        r"not a regular image file", str(error))
+
+
+def test_character_device_is_refused() -> None:
+    if not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero")
+    error = _load_in_thread("/dev/zero", index=0)
+    assert isinstance(error, ImageLoadError)
+    assert "item 0: cannot load image '/dev/zero': path is a character device, not a regular image file" in str(error)
+
+
+def test_symlink_loop_is_an_image_load_error(tmp_path: Path) -> None:
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    with pytest.raises(ImageLoadError, match=r"item 8: cannot load image '.*a\.png': cannot read file \(.*symbolic"):
+        load_image(tmp_path / "a.png", index=8)
+
+
+@pytest.mark.parametrize("source", [Image.new("RGB", (0, 0)), Image.new("L", (0, 7)), np.zeros((0, 0, 3), np.uint8),
+                                    np.zeros((5, 0), np.uint8)])
+def test_image_without_pixels_is_refused(source: object) -> None:
+    with pytest.raises(ImageLoadError, match=r"^item 1: cannot load image '<.*>': image has no pixels \(\d+x\d+\)$"):
+        load_image(source, index=1)  # type: ignore[arg-type]
+
+
+def test_encoder_refuses_image_without_pixels(tiny_encoder) -> None:
+    with pytest.raises(ImageLoadError, match=r"item 1: .*image has no pixels \(0x0\)"):
+        tiny_encoder.encode_documents(["fine", {"img": np.zeros((0, 0, 3), np.uint8)}])
+
+
+@pytest.fixture
+def hostile_server(red: Image.Image) -> Iterator[str]:
+    """A local HTTP server that trickles its body or headers, lies about its size, or redirects elsewhere."""
+    body = png_bytes(red)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def do_GET(self) -> None:  # noqa: N802 (stdlib naming)
+            try:
+                self._serve()
+            except OSError:  # the client gave up: expected
+                pass
+
+        def _serve(self) -> None:
+            if self.path == "/trickle-body.png":  # each byte well within the socket timeout, the whole never
+                self.send_response(200)
+                self.send_header("Content-Length", "16")
+                self.end_headers()
+                for _ in range(16):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.25)
+            elif self.path == "/trickle-headers.png":
+                self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Slow: ")
+                for _ in range(16):
+                    self.wfile.write(b"y")
+                    self.wfile.flush()
+                    time.sleep(0.25)
+                self.wfile.write(b"\r\n\r\n" + body)
+            elif self.path == "/huge.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(10**12))
+                self.end_headers()
+                self.wfile.write(body)
+            elif self.path.startswith("/redirect"):
+                target = {"/redirect-ftp": "ftp://127.0.0.1/x.png", "/redirect-ok": "/ok.png"}[self.path]
+                self.send_response(302)
+                self.send_header("Location", target)
+                self.end_headers()
+            elif self.path == "/ok.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("path", ["/trickle-body.png", "/trickle-headers.png"])
+def test_url_timeout_bounds_the_whole_transfer(hostile_server: str, path: str) -> None:
+    start = time.monotonic()
+    error = _load_in_thread(f"{hostile_server}{path}", seconds=10, index=4, timeout=1.0)
+    elapsed = time.monotonic() - start
+    assert isinstance(error, ImageLoadError)
+    assert re.fullmatch(rf"item 4: cannot load image 'http://127\.0\.0\.1:\d+{path}': fetch timed out after 1\.0s",
+                        str(error)), str(error)
+    assert elapsed < 2.0, f"a 1 s fetch took {elapsed:.1f}s"
+
+
+def test_declared_oversized_response_is_refused_before_reading(hostile_server: str) -> None:
+    with pytest.raises(ImageLoadError, match=r"^item 0: cannot load image '.*/huge\.png': response of "
+                                             r"1000000000000 bytes is larger than 67108864 bytes$"):
+        load_image(f"{hostile_server}/huge.png", index=0, timeout=5)
+
+
+def test_redirect_to_another_scheme_is_refused(hostile_server: str) -> None:
+    assert_red(load_image(f"{hostile_server}/redirect-ok", timeout=5))  # http -> http is followed
+    error = _load_in_thread(f"{hostile_server}/redirect-ftp", seconds=10, index=3, timeout=3)
+    assert isinstance(error, ImageLoadError)
+    assert re.fullmatch(r"item 3: cannot load image 'http://.*/redirect-ftp': redirected to "
+                        r"'ftp://127\.0\.0\.1/x\.png': only http and https URLs are fetched", str(error)), str(error)
