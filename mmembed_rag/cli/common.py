@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmembed_rag.errors import MMEmbedError
+from mmembed_rag.modality import MODALITIES, modality
 
 if TYPE_CHECKING:  # chromadb is an extra: imported by the commands that need it
     from chromadb.api import ClientAPI
@@ -18,14 +20,15 @@ if TYPE_CHECKING:  # chromadb is an extra: imported by the commands that need it
 
 __all__ = ["DEFAULT_PERSIST_DIR", "DEFAULT_RERANKER", "MODALITIES", "UsageError", "require_collection",
            "local_image", "print_ranked", "StoreLocation", "store_location", "make_client",
-           "persisted_model", "resolve_model", "item_json", "modality_of", "emit_json", "one_line", "positive_int",
-           "non_negative_int"]
+           "persisted_model", "resolve_model", "item_json", "emit_json", "one_line", "positive_int",
+           "non_negative_int", "TOKEN_ENV"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PERSIST_DIR = "./mmembed_chroma"
 DEFAULT_RERANKER = "llava-hf/llava-v1.6-mistral-7b-hf"
-MODALITIES = ("text", "image", "image,text")
+#: Environment variable the Chroma server token is read from (never a command-line argument, never logged).
+TOKEN_ENV = "MMEMBED_CHROMA_TOKEN"
 _SHOWN_KEYS = frozenset({"modality", "image_uri"})  # store metadata that item_json shows as fields already
 DEFAULT_CHROMA_PORT = 8000
 
@@ -35,17 +38,24 @@ class UsageError(MMEmbedError, ValueError):
 
 
 class StoreLocation:
-    """Either an embedded database directory or a Chroma server address.
+    """Either an embedded database directory or a Chroma server address (with its connection options).
 
     Args:
         persist_dir: directory of an embedded (SQLite, single-writer) database.
         host, port: a Chroma server.
+        ssl: connect over HTTPS.
+        token: a token for the server's token authentication (from :data:`TOKEN_ENV`; never printed).
+        auth_header: the header the token travels in (``Authorization`` or ``X-Chroma-Token``).
     """
 
-    def __init__(self, persist_dir: str | None = None, host: str | None = None, port: int | None = None) -> None:
+    def __init__(self, persist_dir: str | None = None, host: str | None = None, port: int | None = None,
+                 ssl: bool = False, token: str | None = None, auth_header: str = "Authorization") -> None:
         self.persist_dir = persist_dir
         self.host = host
         self.port = port
+        self.ssl = ssl
+        self.token = token
+        self.auth_header = auth_header
 
     @property
     def remote(self) -> bool:
@@ -53,16 +63,33 @@ class StoreLocation:
         return self.host is not None
 
     def __str__(self) -> str:
-        return f"http://{self.host}:{self.port}" if self.remote else str(self.persist_dir)
+        return f"{'https' if self.ssl else 'http'}://{self.host}:{self.port}" if self.remote else str(self.persist_dir)
+
+    def __repr__(self) -> str:  # never shows the token
+        return f"StoreLocation({str(self)!r}, token={'set' if self.token else None})"
 
 
 def store_location(args: argparse.Namespace) -> StoreLocation:
-    """The store the global options name: ``--host/--port`` (a server) or ``--persist-dir`` (default)."""
+    """The store the global options name: ``--host/--port`` (a server) or ``--persist-dir`` (default).
+
+    A server token is read from the environment variable :data:`TOKEN_ENV` (``--token-env`` names another one).
+
+    Raises:
+        UsageError: conflicting options, or server options without a server.
+    """
+    token_env = getattr(args, "token_env", None) or TOKEN_ENV
+    token = os.environ.get(token_env) or None
+    ssl = bool(getattr(args, "ssl", False))
     if args.host is not None or args.port is not None:
         if args.persist_dir is not None:
             raise UsageError("--persist-dir (embedded database) and --host/--port (Chroma server) exclude each "
                              "other; pass one of them")
-        return StoreLocation(host=args.host or "localhost", port=args.port or DEFAULT_CHROMA_PORT)
+        return StoreLocation(host=args.host or "localhost", port=args.port or DEFAULT_CHROMA_PORT, ssl=ssl,
+                             token=token, auth_header=getattr(args, "auth_header", None) or "Authorization")
+    if ssl:
+        raise UsageError("--ssl applies to a Chroma server: pass --host/--port too")
+    if getattr(args, "token_env", None) and token:
+        raise UsageError(f"a token is set in ${token_env} but no server is named: pass --host/--port")
     return StoreLocation(persist_dir=args.persist_dir or DEFAULT_PERSIST_DIR)
 
 
@@ -75,22 +102,18 @@ def make_client(location: StoreLocation, must_exist: bool = False) -> ClientAPI:
 
     Raises:
         UsageError: ``must_exist`` and no database at ``location.persist_dir``.
-        StoreError: no Chroma server answers at ``location``.
+        StoreError: no Chroma server answers at ``location``, or the database directory cannot be written.
     """
-    import chromadb
-
     import mmembed_rag.store  # noqa: F401  (registers the "mmembed" embedding function with Chroma)
-    from mmembed_rag.store import StoreError
+    from mmembed_rag.store.connection import make_client as store_client
 
     if location.remote:
-        try:
-            return chromadb.HttpClient(host=location.host, port=location.port)
-        except ValueError as exc:  # raised when no server answers
-            raise StoreError(f"cannot reach a Chroma server at {location.host}:{location.port}: {exc}") from exc
+        return store_client(host=location.host, port=location.port, ssl=location.ssl, auth_token=location.token,
+                            auth_header=location.auth_header)
     if must_exist and not Path(location.persist_dir).is_dir():
         raise UsageError(f"no index at {location.persist_dir}: run `mmembed-rag index PATH...` first, or pass "
                          "--persist-dir (or --host/--port) to name the store")
-    return chromadb.PersistentClient(path=str(location.persist_dir))
+    return store_client(persist_dir=location.persist_dir)
 
 
 def persisted_model(client: ClientAPI, collection: str) -> str | None:
@@ -173,7 +196,7 @@ def _int_at_least(text: str, low: int) -> int:
 def item_json(hit: RankedItem) -> dict[str, Any]:
     """The fields of a ranked item that a script needs: text, image reference, id and metadata."""
     image = hit.item.image
-    out: dict[str, Any] = {"modality": modality_of(hit.item.text, image), "text": hit.item.text,
+    out: dict[str, Any] = {"modality": modality(hit.item), "text": hit.item.text,
                            "image": None if image is None else str(image)}
     if hit.id is not None:
         out["id"] = hit.id
@@ -181,13 +204,6 @@ def item_json(hit: RankedItem) -> dict[str, Any]:
     if metadata:
         out["metadata"] = metadata
     return out
-
-
-def modality_of(text: str | None, image: object) -> str:
-    """M-BEIR's modality name of an item with this text and image."""
-    if image is None:
-        return "text"
-    return "image" if text is None else "image,text"
 
 
 def emit_json(document: Any) -> None:
@@ -215,9 +231,8 @@ def print_ranked(rows: list[dict[str, Any]], extra: str | None = None) -> None:
         line = f"{row['rank']:>3}  {row['score']:>8.4f}"
         if extra:
             line += f"  {row[extra]:>9.4f}" if row.get(extra) is not None else f"  {'':>9}"
-        modality = modality_of(row["text"], row["image"])
         shown = [part for part in (row["image"], one_line(row["text"], 80 if row["image"] else 100)) if part]
         source = (row.get("metadata") or {}).get("source")
         if source and not row["image"]:
             shown.append(f"[{Path(source).name}]")
-        print(f"{line}  {modality:<10}  {'  '.join(shown)}")
+        print(f"{line}  {row['modality']:<10}  {'  '.join(shown)}")

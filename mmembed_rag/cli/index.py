@@ -1,7 +1,10 @@
 """``mmembed-rag index PATH...``: encode folders of images, text, Markdown and JSON Lines into a collection.
 
-Re-running is safe: ids are derived from content (text and image path), so an item indexed again
-overwrites itself. Under a launcher (``torchrun --nproc_per_node N -m mmembed_rag.cli.main index ...``)
+Every item is read and every image opened before anything is written, and the items are written by one
+streaming ``MultimodalCollection.add`` call: a run that fails writes nothing. Re-running is safe: ids are derived
+from content (text and image path), so an item indexed again overwrites itself.
+
+Under a launcher (``torchrun --nproc_per_node N -m mmembed_rag.cli.main index ...``)
 process ``r`` of ``N`` encodes items ``r, r+N, r+2N...`` of the global order and writes them to a Chroma
 server (``--host/--port``); an embedded database accepts one writer only and is refused.
 """
@@ -10,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from tqdm.auto import tqdm
 
 from .common import (
     StoreLocation,
@@ -55,7 +55,7 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                         help="folder that relative image paths in .jsonl files start from (default: the file's)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="items per forward pass")
     parser.add_argument("--chunk-size", type=positive_int, default=128,
-                        help="items encoded and written together; each chunk is all-or-nothing")
+                        help="items encoded and written together (the next chunk is encoded while one is written)")
     parser.set_defaults(run=run)
 
 
@@ -94,9 +94,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _validate(scan: Scan, args: argparse.Namespace, rank: int, world: int) -> tuple[int, int]:
-    """Read every item once before anything is written: bad input fails now, and the counts size the bar."""
+    """Read every item and open every image once before anything is written (bad input fails now, naming the item
+    by its position in the whole run and its file); the counts size the progress bar."""
+    from mmembed_rag.errors import ImageLoadError
+    from mmembed_rag.images import load_image
+
     total = mine = 0
-    for ordinal, _ in enumerate(_entries(scan, args)):
+    for ordinal, entry in enumerate(_entries(scan, args)):
+        image = entry.item.image
+        if image is not None and not (isinstance(image, str) and "://" in image):  # URLs are fetched when encoded
+            try:
+                load_image(image, index=ordinal).close()
+            except ImageLoadError as exc:
+                raise UsageError(f"{exc} (in {entry.metadata['source']}; nothing was written)") from exc
         total += 1
         mine += ordinal % world == rank
     if total == 0:
@@ -127,7 +137,7 @@ def _open(args: argparse.Namespace, location: StoreLocation, shard: Shard) -> Mu
         name = resolve_model(model, client, args.collection)
         return MultimodalCollection(name, encoder=cached_encoder(name, args.dtype, device), client=client,
                                     collection=args.collection, dtype=args.dtype, device=device,
-                                    batch_size=args.batch_size)
+                                    batch_size=args.batch_size, allow_model_change=args.allow_model_change)
 
     if shard.grouped:  # the first process creates the collection, the others open it
         collection = attempt() if shard.rank == 0 else None
@@ -149,30 +159,27 @@ def _open(args: argparse.Namespace, location: StoreLocation, shard: Shard) -> Mu
 
 def _write(collection: Any, scan: Scan, args: argparse.Namespace, shard: Shard,
            mine: int) -> tuple[list[str], Counter]:
-    from mmembed_rag.store.records import modality
+    """This process's share of the items, in one streaming ``add`` call (all-or-nothing, pipelined)."""
+    from mmembed_rag.modality import modality
 
-    ids: dict[str, None] = {}
     modalities: Counter = Counter()
-    chunk: list[Entry] = []
-    desc = "indexing" if shard.world_size == 1 else f"indexing (rank {shard.rank})"
-    with tqdm(total=mine, unit="item", desc=desc, disable=args.no_progress, file=sys.stderr) as bar:
+    # add() pulls an item, then its metadata: each entry's metadata waits here for exactly one pull.
+    pending: deque[dict[str, Any]] = deque()
 
-        def flush() -> None:
-            written = collection.add([e.item for e in chunk], metadatas=[e.metadata for e in chunk],
-                                     show_progress=False)
-            ids.update(dict.fromkeys(written))
-            modalities.update(modality(e.item) for e in chunk)
-            bar.update(len(chunk))
-            chunk.clear()
-
+    def items() -> Iterator[Any]:
         for ordinal, entry in enumerate(_entries(scan, args)):
             if shard.owns(ordinal):
-                chunk.append(entry)
-                if len(chunk) == args.chunk_size:
-                    flush()
-        if chunk:
-            flush()
-    return list(ids), modalities
+                modalities[modality(entry.item)] += 1
+                pending.append(entry.metadata)
+                yield entry.item
+
+    def metadata_stream() -> Iterator[dict[str, Any]]:
+        while pending:
+            yield pending.popleft()
+
+    ids = collection.add(items(), metadatas=metadata_stream(), chunk_size=args.chunk_size,
+                         show_progress=not args.no_progress and mine > 0)
+    return list(dict.fromkeys(ids)), modalities
 
 
 def _report(args: argparse.Namespace, location: StoreLocation, collection: Any, scan: Scan, total: int,

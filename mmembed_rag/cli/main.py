@@ -13,19 +13,20 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from mmembed_rag.devices import DTYPES
 from mmembed_rag.errors import CheckpointError, ImageLoadError, InvalidItemError, ModelNotFoundError
 from mmembed_rag.instructions import UnknownTaskError
 
 from . import delegate, index, rerank, search
-from .common import DEFAULT_PERSIST_DIR, UsageError, positive_int
+from .common import DEFAULT_PERSIST_DIR, TOKEN_ENV, UsageError, positive_int
 
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
 # Global options that take a value: needed to find the command word before handing the rest to a delegate.
-_VALUE_OPTIONS = {"--model", "--device", "--dtype", "--persist-dir", "--collection", "--host", "--port"}
+_VALUE_OPTIONS = {"--model", "--device", "--dtype", "--persist-dir", "--collection", "--host", "--port",
+                  "--token-env", "--auth-header"}
 _INPUT_ERRORS = (UsageError, InvalidItemError, ImageLoadError, UnknownTaskError, ModelNotFoundError,
                  CheckpointError)
 # Also input errors, from modules that import heavy extras: recognised by name so they need not be imported.
@@ -50,13 +51,21 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                        help="embedding model: hub id or checkpoint folder (default: the collection's own, else "
                             "nvidia/MM-Embed)")
     group.add_argument("--device", default=default(None), help="torch device, e.g. cpu, cuda, cuda:1")
-    group.add_argument("--dtype", choices=DTYPES, default=default(None),
+    group.add_argument("--dtype", choices=tuple(DTYPES), default=default(None),
                        help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
     group.add_argument("--persist-dir", default=default(None),
                        help=f"embedded Chroma database folder (default {DEFAULT_PERSIST_DIR})")
     group.add_argument("--collection", default=default("mmembed"), help="collection name (default mmembed)")
     group.add_argument("--host", default=default(None), help="Chroma server host (instead of --persist-dir)")
     group.add_argument("--port", type=positive_int, default=default(None), help="Chroma server port (default 8000)")
+    group.add_argument("--ssl", action="store_true", default=default(False), help="connect to the server over HTTPS")
+    group.add_argument("--token-env", metavar="VAR", default=default(None),
+                       help=f"environment variable holding the server's auth token (default {TOKEN_ENV}); the token "
+                            "itself is never taken from the command line")
+    group.add_argument("--auth-header", choices=("Authorization", "X-Chroma-Token"), default=default(None),
+                       help="header the token is sent in (default Authorization: Bearer)")
+    group.add_argument("--allow-model-change", action="store_true", default=default(False),
+                       help="open a collection built with another model (e.g. the same weights moved elsewhere)")
     group.add_argument("--json", action="store_true", default=default(False),
                        help="print one JSON document on stdout")
     group.add_argument("-v", "--verbose", action="store_true", default=default(False),

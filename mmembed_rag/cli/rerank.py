@@ -7,8 +7,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from mmembed_rag.modality import modality
+
 from .common import DEFAULT_RERANKER, UsageError, emit_json, local_image, positive_int, print_ranked
-from .sources import IMAGE_SUFFIXES, item_from_json
+from .sources import IMAGE_SUFFIXES, item_from_json, read_text
 
 __all__ = ["add_parser", "run", "candidate_item"]
 
@@ -51,7 +53,7 @@ def candidate_item(text: str) -> Any:
 def _read_candidates(path: Path) -> list[tuple[Any, dict[str, Any]]]:
     if not path.is_file():
         raise UsageError(f"--candidates {path}: no such file")
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    lines = read_text(path).splitlines()
     return [item_from_json(line, f"{path}:{number}", path.parent)
             for number, line in enumerate(lines, start=1) if line.strip()]
 
@@ -75,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
                              show_progress=False if args.no_progress else None, template=args.template)
     rows = []
     for rank, hit in enumerate(ranked, start=1):
-        row = {"rank": rank, "index": hit.index, "score": hit.score, "text": hit.item.text,
-               "image": None if hit.item.image is None else str(hit.item.image)}
+        row = {"rank": rank, "index": hit.index, "score": hit.score, "modality": modality(hit.item),
+               "text": hit.item.text, "image": None if hit.item.image is None else str(hit.item.image)}
         if candidates[hit.index][1]:
             row["metadata"] = candidates[hit.index][1]
         rows.append(row)

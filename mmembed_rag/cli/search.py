@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     client = make_client(location, must_exist=True)
     require_collection(client, args.collection, location)
     collection = MultimodalCollection(resolve_model(args.model, client, args.collection), client=client,
-                                      collection=args.collection, device=args.device, dtype=args.dtype)
+                                      collection=args.collection, device=args.device, dtype=args.dtype,
+                                      allow_model_change=args.allow_model_change)
     hits = collection.search(args.text, image=image, instruction=instruction, k=args.k, modality=args.modality)
     rows = [{"rank": rank, "score": hit.score, **item_json(hit)} for rank, hit in enumerate(hits, start=1)]
     reranker = args.reranker or DEFAULT_RERANKER

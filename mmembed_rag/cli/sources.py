@@ -7,7 +7,8 @@
   ``{"txt": ..., "img_path": ..., "modality": ..., "did": ...}``; other scalar fields become metadata.
 
 Hidden files and folders (``.git``...) are ignored; any other file is skipped and counted. Items are numbered
-in a fixed order (sorted absolute paths, then position in the file), which is what sharding relies on.
+in a fixed order (sorted absolute paths, then position in the file), which is what sharding relies on. A folder
+or file that cannot be read, a symlink loop or a dangling symlink is an error (exit status 2), never skipped.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mmembed_rag.items import MultimodalItem
 from .common import UsageError
 
 __all__ = ["IMAGE_SUFFIXES", "TEXT_SUFFIXES", "Entry", "Scan", "scan_paths", "iter_entries", "split_passages",
-           "item_from_json", "file_kind"]
+           "item_from_json", "file_kind", "read_text"]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown"})
@@ -70,23 +71,46 @@ def scan_paths(paths: Sequence[str]) -> Scan:
     """Walk files and folders (recursively) into a sorted, de-duplicated list of absolute file paths.
 
     Raises:
-        UsageError: a path does not exist.
+        UsageError: a path does not exist, is a symlink loop or dangling symlink, or a folder cannot be read.
     """
     found: set[Path] = set()
     skipped: set[Path] = set()
     for raw in paths:
         path = Path(raw).expanduser()
         if not path.exists():
+            if path.is_symlink():
+                raise UsageError(f"{raw}: a symlink loop or a dangling symlink ({_resolve_error(path)})")
             raise UsageError(f"no such file or directory: {raw}")
         candidates = [path] if path.is_file() else _walk(path)
         for file in candidates:
-            resolved = file.resolve()
+            resolved = _resolve(file)
             (found if file_kind(resolved) else skipped).add(resolved)
     return Scan(files=sorted(found, key=str), skipped=sorted(skipped, key=str))
 
 
+def _resolve(file: Path) -> Path:
+    try:
+        resolved = file.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # Python < 3.13 raises RuntimeError for a symlink loop
+        raise UsageError(f"{file}: cannot be resolved: a symlink loop or a dangling symlink ({exc})") from exc
+    if not resolved.is_file():
+        raise UsageError(f"{file}: not a regular file")
+    return resolved
+
+
+def _resolve_error(path: Path) -> str:
+    try:
+        path.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        return str(exc)
+    return "unresolvable"
+
+
 def _walk(folder: Path) -> Iterator[Path]:
-    for root, dirs, files in os.walk(folder):
+    def unreadable(exc: OSError) -> None:
+        raise UsageError(f"cannot read folder {exc.filename}: {exc.strerror or exc}") from exc
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if not name.startswith("."):
@@ -110,21 +134,28 @@ def iter_entries(files: Sequence[Path], max_chars: int = 1000, image_root: Path 
         if kind == "image":
             yield Entry(MultimodalItem(image=path), {"source": source}, kind)
         elif kind == "text":
-            for number, passage in enumerate(split_passages(_read_text(path), max_chars)):
+            for number, passage in enumerate(split_passages(read_text(path), max_chars)):
                 yield Entry(MultimodalItem(text=passage), {"source": source, "passage": number}, kind)
         elif kind == "jsonl":
             root = image_root if image_root is not None else path.parent
-            for number, line in enumerate(_read_text(path).splitlines(), start=1):
+            for number, line in enumerate(read_text(path).splitlines(), start=1):
                 if line.strip():
                     item, extra = item_from_json(line, f"{path}:{number}", root)
                     yield Entry(item, {**extra, "source": source, "line": number}, kind)
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's content.
+
+    Raises:
+        UsageError: the file cannot be read or is not UTF-8 (naming it).
+    """
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
 def split_passages(text: str, max_chars: int) -> list[str]:
