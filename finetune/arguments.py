@@ -22,11 +22,11 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
-__all__ = ["LoraArguments", "TrainArguments", "ArgumentsError", "load_arguments", "parse_overrides"]
+__all__ = ["LoraArguments", "RunArguments", "TrainArguments", "ArgumentsError", "load_arguments", "parse_overrides"]
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
 Scheduler = Literal["linear", "cosine", "constant"]
@@ -58,52 +58,38 @@ class LoraArguments:
 
 
 @dataclass
-class TrainArguments:
-    """Everything one training run needs; see the module docstring for the YAML form.
+class RunArguments:
+    """What every training run of this package has: checkpoints, output directory, optimiser, schedule, precision.
 
-    ``batch_size`` counts queries per optimisation step over all processes together: the batch
-    sampler yields batches of that size and each process takes its contiguous slice, so the
-    contrastive batch (and the result) does not depend on the number of processes.
-
-    The default temperature, 0.02, is the value commonly used for InfoNCE on LLM-based embedders
-    (E5-Mistral and NV-Embed-style training use 0.01 to 0.05); scores are cosine similarities,
-    so logits are scaled by 50. We could not confirm MM-Embed's own value from its paper offline;
-    tune it per run.
+    :class:`TrainArguments` (the bi-encoder) and
+    :class:`~mmembed_rag.finetune.reranker_train.RerankerTrainArguments` (the reranker) extend it with their own
+    fields and checks (:meth:`problems`).
     """
 
-    model_path: str = _help("base checkpoint in the released MM-Embed format (directory or hub id)")
+    what: ClassVar[str] = "training arguments"
+
+    model_path: str = _help("base checkpoint (directory or hub id)")
     output_dir: str = _help("where checkpoints/ and the exported model/ go")
     overwrite_output_dir: bool = _help("allow a non-empty output_dir (its checkpoints/ and model/ are replaced)",
                                        False)
     resume_from: str | None = _help("'latest' (newest checkpoint in output_dir, or a fresh start) "
                                     "or a checkpoint directory", None)
-    lora: LoraArguments = _help("LoRA settings", factory=LoraArguments)
+    lora: LoraArguments = _help("LoRA settings (adapters on the language model)", factory=LoraArguments)
     full_finetune: bool = _help("train every parameter (lora.enabled must be false)", False)
-    train_pooling: bool = _help("keep the pooling head (latent_attention_model) trainable", True)
-    temperature: float = _help("InfoNCE temperature", 0.02)
     batch_size: int = _help("queries per step, all processes together", 32)
-    gradient_cache_chunk_size: int | None = _help("items per forward with gradient caching; null: no caching",
-                                                  None)
-    num_negatives: int | None = _help("cap on given negatives per query (in-batch negatives always apply); "
-                                      "null: all the example has", 1)
     learning_rate: float = _help("peak learning rate", 1e-4)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     lr_scheduler: Scheduler = _help("learning-rate decay after warmup", "linear")
     warmup_steps: int = _help("linear warmup steps", 0)
     max_steps: int = _help("optimisation steps", 1000)
     max_grad_norm: float | None = _help("gradient clipping norm; null: no clipping", 1.0)
-    seed: int = _help("seeds weights init, batches and dropout", 42)
-    save_every: int = _help("checkpoint every N steps (0: only at the end)", 0)
+    seed: int = _help("seeds weight init, batches, negatives and dropout", 42)
+    save_every: int = _help("checkpoint every N steps (0: no intermediate checkpoints, only the export)", 0)
     keep_checkpoints: int = _help("newest checkpoints kept (0: all)", 2)
-    gradient_checkpointing: bool = _help("recompute activations in backward (language model and vision tower)",
-                                         False)
     mixed_precision: MixedPrecision = _help("'no', 'bf16' or 'fp16' (falls back to 'no' where unsupported)", "no")
-    max_length: int = _help("text tokens per prompt before image expansion", 512)
-    task_mixing: dict[str, float] = _help("task key -> sampling weight, for the batch sampler", factory=dict)
-    data_factory: str | None = _help("CLI only: 'module:function' called with these arguments, returning "
-                                     "the examples or (examples, batch_sampler)", None)
-    data_options: dict[str, Any] = _help("CLI only: keyword arguments for data_factory", factory=dict)
-    export_dtype: ExportDtype | None = _help("dtype of the exported weights; null: the training dtype", None)
+    max_length: int = _help("text tokens per prompt (per user text) before image expansion", 512)
+    export_dtype: ExportDtype | None = _help("dtype of the exported weights; null: float32 (the training dtype)",
+                                             None)
     log_every: int = _help("log the loss every N steps", 10)
     show_progress: bool = _help("show a progress bar", True)
 
@@ -116,34 +102,73 @@ class TrainArguments:
         Raises:
             ArgumentsError: listing every problem found.
         """
-        problems = []
-        for name in ("batch_size", "max_steps", "log_every"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_every", "keep_checkpoints"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        problems = self.problems()
+        if problems:
+            raise ArgumentsError(f"invalid {self.what}:\n  " + "\n  ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every problem with the values (subclasses add theirs to these)."""
+        problems = [f"{name} must be >= 1, got {getattr(self, name)}"
+                    for name in ("batch_size", "max_steps", "log_every", "max_length") if getattr(self, name) < 1]
+        problems += [f"{name} must be >= 0, got {getattr(self, name)}"
+                     for name in ("warmup_steps", "save_every", "keep_checkpoints") if getattr(self, name) < 0]
+        if self.lora.enabled and self.full_finetune:
+            problems.append("lora.enabled and full_finetune are exclusive (set lora.enabled: false)")
+        if self.lora.enabled and (self.lora.rank < 1 or not self.lora.target_modules):
+            problems.append("lora needs rank >= 1 and at least one target module")
+        if not 0 <= self.lora.dropout < 1:
+            problems.append(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
+        return problems
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML-serialisable), the inverse of :meth:`from_dict`."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainArguments(RunArguments):
+    """Everything one bi-encoder training run needs (a checkpoint in the released MM-Embed format as
+    ``model_path``); see the module docstring for the YAML form.
+
+    ``batch_size`` counts queries per optimisation step over all processes together: the batch
+    sampler yields batches of that size and each process takes its contiguous slice, so the
+    contrastive batch (and the result) does not depend on the number of processes.
+
+    The default temperature, 0.02, is the value commonly used for InfoNCE on LLM-based embedders
+    (E5-Mistral and NV-Embed-style training use 0.01 to 0.05); scores are cosine similarities,
+    so logits are scaled by 50. We could not confirm MM-Embed's own value from its paper offline;
+    tune it per run.
+    """
+
+    train_pooling: bool = _help("keep the pooling head (latent_attention_model) trainable", True)
+    temperature: float = _help("InfoNCE temperature", 0.02)
+    gradient_cache_chunk_size: int | None = _help("items per forward with gradient caching; null: no caching",
+                                                  None)
+    num_negatives: int | None = _help("cap on given negatives per query (in-batch negatives always apply); "
+                                      "null: all the example has", 1)
+    gradient_checkpointing: bool = _help("recompute activations in backward (language model and vision tower)",
+                                         False)
+    task_mixing: dict[str, float] = _help("task key -> sampling weight, for the batch sampler", factory=dict)
+    data_factory: str | None = _help("CLI only: 'module:function' called with these arguments, returning "
+                                     "the examples or (examples, batch_sampler)", None)
+    data_options: dict[str, Any] = _help("CLI only: keyword arguments for data_factory", factory=dict)
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
         if self.temperature <= 0:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if self.gradient_cache_chunk_size is not None and self.gradient_cache_chunk_size < 1:
             problems.append(f"gradient_cache_chunk_size must be >= 1 or null, got {self.gradient_cache_chunk_size}")
         if self.num_negatives is not None and self.num_negatives < 0:
             problems.append(f"num_negatives must be >= 0 or null, got {self.num_negatives}")
-        if self.lora.enabled and self.full_finetune:
-            problems.append("lora.enabled and full_finetune are exclusive (set lora.enabled: false)")
         if not (self.lora.enabled or self.full_finetune or self.train_pooling):
             problems.append("nothing to train: enable lora, full_finetune or train_pooling")
-        if self.lora.enabled and (self.lora.rank < 1 or not self.lora.target_modules):
-            problems.append("lora needs rank >= 1 and at least one target module")
-        if not 0 <= self.lora.dropout < 1:
-            problems.append(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
         bad = {k: v for k, v in self.task_mixing.items() if v < 0}
         if bad:
             problems.append(f"task_mixing weights must be >= 0, got {bad}")
         if self.data_factory is not None and ":" not in self.data_factory:
             problems.append(f"data_factory must look like 'package.module:function', got {self.data_factory!r}")
-        if problems:
-            raise ArgumentsError("invalid training arguments:\n  " + "\n  ".join(problems))
+        return problems
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "arguments") -> TrainArguments:
@@ -158,10 +183,6 @@ class TrainArguments:
     def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | Sequence[str] | None = None) -> TrainArguments:
         """Load a YAML recipe, then apply overrides (a mapping of dotted keys, or ``--key value`` tokens)."""
         return load_arguments(path, overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (YAML-serialisable), the inverse of :meth:`from_dict`."""
-        return dataclasses.asdict(self)
 
     @staticmethod
     def describe() -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import itertools
 import logging
 import shutil
@@ -26,8 +25,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import yaml
@@ -43,13 +41,13 @@ from mmembed_rag.rerank_templates import RerankTemplate, TemplateError, get_temp
 from mmembed_rag.reranker import MLLMReranker
 
 from . import arguments, train
-from .arguments import ArgumentsError, ExportDtype, LoraArguments, MixedPrecision, Scheduler, parse_overrides
+from .arguments import ArgumentsError, RunArguments, parse_overrides
 from .data import ContrastiveDataset, MBEIRDataset
 from .examples import ContrastiveExample
 from .export import _is_peft
 from .mining import mine_hard_negatives
 
-_help = arguments._help  # the bi-encoder recipe's field helper and loop helpers, shared rather than copied
+_help = arguments._help  # the recipes' field helper; the training loop's parts come from train
 
 __all__ = ["AnswerLogits", "RerankBatch", "RerankCollator", "RerankLoss", "RerankerTrainArguments", "build_reranker",
            "export_reranker", "load_reranker_arguments", "reranker_examples", "train_reranker", "main"]
@@ -60,16 +58,15 @@ _WEIGHT_FILES = ("config.json", "README.md", "model.safetensors.index.json")  # 
 
 
 @dataclass
-class RerankerTrainArguments:
-    """One reranker training run; YAML recipe keys (``finetune/recipes/reranker.yaml``) or ``--key value``."""
+class RerankerTrainArguments(RunArguments):
+    """One reranker training run (a LLaVA-NeXT generative checkpoint as ``model_path``): the shared
+    :class:`~mmembed_rag.finetune.arguments.RunArguments` plus the fields below; YAML recipe keys
+    (``finetune/recipes/reranker.yaml``) or ``--key value``."""
 
-    model_path: str = _help("base LLaVA-NeXT generative checkpoint (directory or hub id)")
-    output_dir: str = _help("where checkpoints/ and the exported model/ go")
-    overwrite_output_dir: bool = _help("allow a non-empty output_dir (its checkpoints/ and model/ are replaced)",
-                                       False)
-    resume_from: str | None = _help("'latest' or a checkpoint directory", None)
-    lora: LoraArguments = _help("LoRA settings (adapters on the language model only)", factory=LoraArguments)
-    full_finetune: bool = _help("train every parameter (lora.enabled must be false)", False)
+    what: ClassVar[str] = "reranker training arguments"
+
+    batch_size: int = _help("queries per step, all processes together (each brings 1 + num_negatives pairs)", 8)
+    max_steps: int = _help("optimisation steps", 500)
     train_projector: bool = _help("train the vision-to-text projector and image_newline too", True)
     template: str | dict[str, str] | None = _help(
         "a built-in template name, or {query: ..., candidate: ...} (a RerankTemplate; pass the same one at inference), "
@@ -77,53 +74,28 @@ class RerankerTrainArguments:
     loss: Literal["pointwise", "listwise"] = _help(
         "'pointwise': cross-entropy over the (True, False) logits of each pair; 'listwise': cross-entropy of the "
         "positive among its query's pairs, scored by logit(True) - logit(False)", "pointwise")
-    batch_size: int = _help("queries per step, all processes together (each brings 1 + num_negatives pairs)", 8)
     num_negatives: int = _help("negatives per query and step", 3)
     mining_top_k: int = _help("with a bi-encoder: negatives come from its top k (the depth it hands over)", 10)
     mining_pool: Literal["local", "global"] = _help("pool mined with the bi-encoder", "local")
     tasks: list[str] = _help("task keys to train on (e.g. cirr_it2i); empty: all", factory=list)
-    learning_rate: float = _help("peak learning rate", 1e-4)
-    weight_decay: float = _help("AdamW weight decay", 0.0)
-    lr_scheduler: Scheduler = _help("learning-rate decay after warmup", "linear")
-    warmup_steps: int = _help("linear warmup steps", 0)
-    max_steps: int = _help("optimisation steps", 500)
-    max_grad_norm: float | None = _help("gradient clipping norm; null: no clipping", 1.0)
-    seed: int = _help("seeds LoRA init, batches, negatives and dropout", 42)
-    save_every: int = _help("checkpoint every N steps (0: no checkpoints, only the export)", 0)
-    keep_checkpoints: int = _help("newest checkpoints kept (0: all)", 2)
-    mixed_precision: MixedPrecision = _help("'no', 'bf16' or 'fp16' (falls back to 'no' where unsupported)", "no")
-    max_length: int = _help("tokens per user text (query text, candidate text)", 512)
-    export_dtype: ExportDtype | None = _help("dtype of the exported weights; null: float32", None)
-    log_every: int = _help("log the loss every N steps", 10)
-    show_progress: bool = _help("show progress bars", True)
 
-    def __post_init__(self) -> None:
-        problems = [f"{name} must be >= 1, got {getattr(self, name)}" for name in
-                    ("batch_size", "max_steps", "log_every", "mining_top_k", "num_negatives", "max_length")
-                    if getattr(self, name) < 1]
-        problems += [f"{name} must be >= 0, got {getattr(self, name)}"
-                     for name in ("warmup_steps", "save_every", "keep_checkpoints") if getattr(self, name) < 0]
-        if self.lora.enabled and self.full_finetune:
-            problems.append("lora.enabled and full_finetune are exclusive (set lora.enabled: false)")
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        problems += [f"{name} must be >= 1, got {getattr(self, name)}" for name in ("mining_top_k", "num_negatives")
+                     if getattr(self, name) < 1]
         if not (self.lora.enabled or self.full_finetune or self.train_projector):
             problems.append("nothing to train: enable lora, full_finetune or train_projector")
-        if self.lora.enabled and (self.lora.rank < 1 or not self.lora.target_modules):
-            problems.append("lora needs rank >= 1 and at least one target module")
         try:
             self.rerank_template()
         except (TemplateError, TypeError) as err:
             problems.append(f"template: {err}")
-        if problems:
-            raise ArgumentsError("invalid reranker training arguments:\n  " + "\n  ".join(problems))
+        return problems
 
     def rerank_template(self) -> str | RerankTemplate | None:
         """``template`` as :class:`MLLMReranker` takes it (a mapping becomes a :class:`RerankTemplate`)."""
         if isinstance(self.template, dict):
             return RerankTemplate(**{"name": "custom", **self.template})
         return get_template(self.template) if self.template is not None else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def load_reranker_arguments(path: str | Path | None, overrides: Mapping[str, Any] | Sequence[str] | None = None
@@ -334,9 +306,9 @@ def train_reranker(args: RerankerTrainArguments, dataset: MBEIRDataset, encoder:
     if len(examples) < args.batch_size:
         raise ValueError(f"{len(examples)} training queries cannot fill one batch of batch_size={args.batch_size}")
     # DDP must tolerate unused parameters when the vision side trains: text-only batches leave it without gradients.
-    accelerator = train._accelerator(SimpleNamespace(mixed_precision=args.mixed_precision,
-                                                     full_finetune=args.full_finetune or args.train_projector))
-    resume = train._checkpoint_to_resume(args, accelerator)
+    accelerator = train.make_accelerator(args.mixed_precision,
+                                         find_unused_parameters=args.full_finetune or args.train_projector)
+    resume = train.checkpoint_to_resume(args, accelerator)
     out = Path(args.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -344,16 +316,16 @@ def train_reranker(args: RerankerTrainArguments, dataset: MBEIRDataset, encoder:
     set_seed(args.seed)
     reranker = build_reranker(args)
     module = AnswerLogits(reranker)
-    params = list(train._trainable(module).values())
+    params = list(train.trainable_parameters(module).values())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     name = "constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps)
     module, optimizer = accelerator.prepare(module, optimizer)
-    start = train._load_checkpoint(resume, accelerator, module, optimizer, scheduler) if resume is not None else 0
+    start = train.load_checkpoint(resume, accelerator, module, optimizer, scheduler) if resume is not None else 0
     loss_fn = RerankLoss(args.loss)
-    global_batches = itertools.islice(train._global_batches(examples, None, args.batch_size, args.seed), start, None)
-    batches = train._prefetch(train._local_batches(examples, global_batches, accelerator.process_index,
-                                                   accelerator.num_processes, RerankCollator()))
+    remaining = itertools.islice(train.global_batches(examples, None, args.batch_size, args.seed), start, None)
+    batches = train.prefetch(train.local_batches(examples, remaining, accelerator.process_index,
+                                                 accelerator.num_processes, RerankCollator()))
     bar = tqdm(total=args.max_steps, initial=start, desc="reranker training", unit="step",
                disable=not (args.show_progress and accelerator.is_local_main_process))
     with bar:
@@ -376,7 +348,7 @@ def train_reranker(args: RerankerTrainArguments, dataset: MBEIRDataset, encoder:
                     logger.info("step %d/%d loss %.4f lr %.3g", step, args.max_steps, value,
                                 scheduler.get_last_lr()[0])
             if args.save_every and step % args.save_every == 0:
-                train._save_checkpoint(accelerator, module, optimizer, scheduler, step, args)
+                train.save_checkpoint(accelerator, module, optimizer, scheduler, step, args)
     batches.close()
     target = out / train.MODEL
     if accelerator.is_main_process:

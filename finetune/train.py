@@ -39,7 +39,7 @@ from transformers import get_scheduler
 from mmembed_rag.encoder import Encoder
 from mmembed_rag.modeling.model import MMEmbedModel
 
-from .arguments import ArgumentsError, TrainArguments, load_arguments
+from .arguments import ArgumentsError, RunArguments, TrainArguments, load_arguments
 from .collator import ContrastiveBatch, ContrastiveCollator
 from .examples import ContrastiveExample
 from .export import export_model
@@ -48,7 +48,10 @@ from .loss import InfoNCELoss
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train", "build_model", "contrastive_backward", "latest_checkpoint", "main"]
+# The loop's parts, public so the reranker's trainer (reranker_train.py) runs the same loop.
+__all__ = ["train", "build_model", "contrastive_backward", "latest_checkpoint", "main", "make_accelerator",
+           "checkpoint_to_resume", "trainable_parameters", "save_checkpoint", "load_checkpoint", "global_batches",
+           "local_batches", "prefetch"]
 
 CHECKPOINTS, MODEL = "checkpoints", "model"
 
@@ -137,8 +140,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.removeprefix("step-")), default=None)
 
 
-def _global_batches(source: ExampleSource, sampler: Iterable[Sequence[int]] | None, batch_size: int,
-                    seed: int) -> Iterator[list[int]]:
+def global_batches(source: ExampleSource, sampler: Iterable[Sequence[int]] | None, batch_size: int,
+                   seed: int) -> Iterator[list[int]]:
     """Index lists forever, epoch after epoch; a pure function of the seed and the sampler."""
     for epoch in itertools.count():
         for obj in (source, sampler):
@@ -159,8 +162,9 @@ def _global_batches(source: ExampleSource, sampler: Iterable[Sequence[int]] | No
                              f"{len(source)} examples cannot fill one batch of batch_size={batch_size}")
 
 
-def _local_batches(source: ExampleSource, batches: Iterable[list[int]], rank: int, world: int,
-                   collator: ContrastiveCollator) -> Iterator[ContrastiveBatch]:
+def local_batches(source: ExampleSource, batches: Iterable[list[int]], rank: int, world: int,
+                  collator: ContrastiveCollator) -> Iterator[ContrastiveBatch]:
+    """This process's contiguous slice of each global batch, collated."""
     for indices in batches:
         if len(indices) < world:
             raise ValueError(f"a batch of {len(indices)} examples cannot be split over {world} processes")
@@ -168,7 +172,7 @@ def _local_batches(source: ExampleSource, batches: Iterable[list[int]], rank: in
         yield collator([source[int(i)] for i in share])
 
 
-def _prefetch(iterator: Iterator[Any]) -> Iterator[Any]:
+def prefetch(iterator: Iterator[Any]) -> Iterator[Any]:
     """Produce the next item in a background thread while the caller works on the current one."""
     end = object()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmembed-train-data") as pool:
@@ -197,12 +201,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters that train (``requires_grad``), by name."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                     step: int, args: TrainArguments) -> Path:
+def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                    step: int, args: RunArguments) -> Path:
     """Write trainable weights, optimizer, scheduler, RNG (per process) and step; atomically (tmp + rename)."""
     final = Path(args.output_dir) / CHECKPOINTS / f"step-{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -212,7 +217,8 @@ def _save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, optimizer
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        weights = {k: v.detach().cpu().contiguous() for k, v in _trainable(accelerator.unwrap_model(model)).items()}
+        trained = trainable_parameters(accelerator.unwrap_model(model))
+        weights = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -232,11 +238,11 @@ def _save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, optimizer
     return final
 
 
-def _load_checkpoint(path: Path, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any,
-                     scheduler: Any) -> int:
-    """Restore what :func:`_save_checkpoint` wrote; returns the step to continue from."""
+def load_checkpoint(path: Path, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any,
+                    scheduler: Any) -> int:
+    """Restore what :func:`save_checkpoint` wrote; returns the step to continue from."""
     weights = load_file(str(path / "trainable.safetensors"))
-    params = _trainable(accelerator.unwrap_model(model))
+    params = trainable_parameters(accelerator.unwrap_model(model))
     if set(weights) != set(params):
         raise ValueError(f"{path}: its trainable parameters differ from this run's (lora / full_finetune / "
                          f"train_pooling changed?): {len(weights)} saved, {len(params)} expected")
@@ -258,7 +264,7 @@ def _load_checkpoint(path: Path, accelerator: Accelerator, model: torch.nn.Modul
     return int(state["step"])
 
 
-def _checkpoint_to_resume(args: TrainArguments, accelerator: Accelerator) -> Path | None:
+def checkpoint_to_resume(args: RunArguments, accelerator: Accelerator) -> Path | None:
     """Apply the output-directory policy; returns the checkpoint to resume from, if any."""
     out = Path(args.output_dir)
     ckpt, clear = None, False
@@ -280,16 +286,22 @@ def _checkpoint_to_resume(args: TrainArguments, accelerator: Accelerator) -> Pat
     return ckpt
 
 
-def _accelerator(args: TrainArguments) -> Accelerator:
-    precision = args.mixed_precision
+def make_accelerator(mixed_precision: str, find_unused_parameters: bool = False) -> Accelerator:
+    """An ``Accelerator`` for ``mixed_precision`` (``"no"``, ``"bf16"``, ``"fp16"``; falling back where unsupported).
+
+    Args:
+        mixed_precision: the run's ``mixed_precision`` argument.
+        find_unused_parameters: let DDP tolerate parameters without gradients in a step (e.g. a vision tower that
+            text-only batches leave untouched).
+    """
+    precision = mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():
         logger.warning("fp16 mixed precision needs a GPU; training in float32")
         precision = "no"
     elif precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         logger.warning("this GPU has no bf16; using fp16 mixed precision")
         precision = "fp16"
-    # Full fine-tuning on text-only batches leaves the vision tower without gradients.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=args.full_finetune)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     try:
         return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], step_scheduler_with_optimizer=False)
     except ValueError as err:  # an earlier train() in this process (a notebook) used another precision
@@ -325,8 +337,9 @@ def train(args: TrainArguments, examples: ExampleSource,
                          "train() gives each process its slice")
     if batch_sampler is None and args.task_mixing:
         logger.warning("task_mixing is set but no batch_sampler was given: the default sampler ignores it")
-    accelerator = _accelerator(args)
-    resume = _checkpoint_to_resume(args, accelerator)
+    # Full fine-tuning on text-only batches leaves the vision tower without gradients.
+    accelerator = make_accelerator(args.mixed_precision, find_unused_parameters=args.full_finetune)
+    resume = checkpoint_to_resume(args, accelerator)
     out = Path(args.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -334,17 +347,17 @@ def train(args: TrainArguments, examples: ExampleSource,
     set_seed(args.seed)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision), torch.float32)
     encoder, model = build_model(args, accelerator.device, frozen_dtype=half)
-    params = list(_trainable(model).values())
+    params = list(trainable_parameters(model).values())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     name = "constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    start = _load_checkpoint(resume, accelerator, model, optimizer, scheduler) if resume is not None else 0
+    start = load_checkpoint(resume, accelerator, model, optimizer, scheduler) if resume is not None else 0
     collator = ContrastiveCollator(encoder, args.num_negatives, args.gradient_cache_chunk_size)
     loss_fn = InfoNCELoss(args.temperature)
-    global_batches = itertools.islice(_global_batches(examples, batch_sampler, args.batch_size, args.seed), start, None)
-    batches = _prefetch(_local_batches(examples, global_batches, accelerator.process_index,
-                                       accelerator.num_processes, collator))
+    remaining = itertools.islice(global_batches(examples, batch_sampler, args.batch_size, args.seed), start, None)
+    batches = prefetch(local_batches(examples, remaining, accelerator.process_index, accelerator.num_processes,
+                                     collator))
     bar = tqdm(total=args.max_steps, initial=start, desc="training", unit="step",
                disable=not (args.show_progress and accelerator.is_local_main_process))
     with bar:
@@ -365,7 +378,7 @@ def train(args: TrainArguments, examples: ExampleSource,
                     logger.info("step %d/%d loss %.4f lr %.3g", step, args.max_steps, value,
                                 scheduler.get_last_lr()[0])
             if (args.save_every and step % args.save_every == 0) or step == args.max_steps:
-                _save_checkpoint(accelerator, model, optimizer, scheduler, step, args)
+                save_checkpoint(accelerator, model, optimizer, scheduler, step, args)
     batches.close()
     target = out / MODEL
     if accelerator.is_main_process:
