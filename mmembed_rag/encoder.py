@@ -20,11 +20,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .arguments import positive_int
 from .devices import default_dtype, resolve_device, resolve_dtype
+from .errors import InvalidArgumentError, InvalidItemError, NumericalError
 from .hub import resolve_checkpoint
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .instructions import resolve_instruction
-from .items import MultimodalItem, to_items
+from .items import MultimodalItem, check_text, to_items
 from .modeling.checkpoint import load_model, save_model
 from .modeling.model import MMEmbedModel
 from .preprocessing import GlobalViewProcessor
@@ -62,10 +64,11 @@ class Encoder:
         model: the network (see :meth:`from_pretrained`).
         tokenizer: the checkpoint's tokenizer.
         image_processor: turns an RGB image into the global-view tensor.
-        max_length: text tokens per prompt before image expansion (longer text is cut, with a warning).
+        max_length: text tokens per prompt before image expansion (longer text is cut, with a warning; an
+            instruction is never cut: one that leaves no room for the query is an ``InvalidItemError``).
         add_eos: append EOS to prompts, as the release does.
         max_image_pixels: decompression-bomb bound for image loading (``None`` disables it).
-        url_timeout: seconds to wait for an image URL.
+        url_timeout: seconds an image URL's whole fetch may take (connect, headers and body together).
         image_workers: threads that load and preprocess a batch's images in parallel (decoding large
             photos is the bottleneck in front of a GPU); 1 loads them serially.
         release_compatible_images: convert images exactly as the release's image processor does (no EXIF
@@ -169,22 +172,48 @@ class Encoder:
 
         Returns:
             float32 array (n, dim), rows L2-normalised.
+
+        Raises:
+            InvalidItemError: an item is malformed, or its instruction leaves no room for it within ``max_length``.
+            ImageLoadError: an item's image cannot be loaded.
+            InvalidArgumentError: ``batch_size`` is not an int >= 1, or ``instruction`` is not valid Unicode.
+            NumericalError: the model produced NaN/inf for some items (broken weights or image settings).
         """
+        batch_size = positive_int(batch_size, "batch_size")
         items = to_items(items)
         return self._encode(items, self.query_prompts(items, instruction), batch_size, show_progress)
 
     def encode_documents(self, items: Iterable[ItemLike], batch_size: int = 8,
                          show_progress: bool | None = None) -> np.ndarray:
-        """Embed documents (never with an instruction). Returns float32 (n, dim), rows L2-normalised."""
+        """Embed documents (never with an instruction). Returns float32 (n, dim), rows L2-normalised.
+
+        Raises:
+            InvalidItemError, ImageLoadError, InvalidArgumentError, NumericalError: as :meth:`encode_queries`.
+        """
+        batch_size = positive_int(batch_size, "batch_size")
         items = to_items(items)
         return self._encode(items, self.document_prompts(items), batch_size, show_progress)
 
     def query_prompts(self, items: list[MultimodalItem], instruction: str | None = None) -> list[Prompt]:
-        """Tokenised query prompts; an item's own instruction wins over ``instruction`` (name or text)."""
+        """Tokenised query prompts; an item's own instruction wins over ``instruction`` (name or text).
+
+        Raises:
+            InvalidItemError: an item's instruction leaves no room for it within ``max_length`` (named by index).
+            InvalidArgumentError: ``instruction`` is not valid Unicode (a lone surrogate).
+        """
+        try:
+            check_text(instruction, "instruction")
+        except InvalidItemError as exc:
+            raise InvalidArgumentError(str(exc)) from exc
         default = resolve_instruction(instruction)
-        return [self.prompts.query(it.text, it.image is not None,
-                                   resolve_instruction(it.instruction) if it.instruction else default)
-                for it in items]
+        prompts = []
+        for index, it in enumerate(items):
+            try:
+                prompts.append(self.prompts.query(it.text, it.image is not None,
+                                                  resolve_instruction(it.instruction) if it.instruction else default))
+            except InvalidItemError as exc:
+                raise InvalidItemError(f"item {index}: {exc}") from exc
+        return prompts
 
     def document_prompts(self, items: list[MultimodalItem]) -> list[Prompt]:
         """Tokenised document prompts (never an instruction)."""
@@ -192,8 +221,7 @@ class Encoder:
 
     def batches(self, items: list[MultimodalItem], prompts: list[Prompt], batch_size: int) -> Iterator[Batch]:
         """Length-sorted batches of model inputs, prepared one batch ahead in a background thread."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = positive_int(batch_size, "batch_size")
         lengths = [self.token_count(p) for p in prompts]
         order = sorted(range(len(items)), key=lambda i: -lengths[i])
         groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -224,6 +252,7 @@ class Encoder:
             for batch in self.batches(items, prompts, batch_size):
                 batch = batch.to(device)
                 emb = self.model(batch.input_ids, batch.attention_mask, batch.pool_mask, batch.pixel_values)
+                _check_finite(emb, batch.positions)
                 out[batch.positions] = emb.float().cpu().numpy()
                 bar.update(len(batch.positions))
         return out
@@ -248,6 +277,10 @@ class Encoder:
         pool = attention.clone()
         for row, i in enumerate(positions):
             pool[row, :prompts[i].masked_prefix] = 0
+        empty = [positions[row] for row in (pool.sum(dim=1) == 0).nonzero().flatten().tolist()]
+        if empty:  # PromptBuilder refuses such prompts; a hand-made Prompt must not pool to a zero vector either
+            raise InvalidItemError(f"item {empty[0]}: its prompt has no token left to pool "
+                                   f"(masked_prefix {prompts[empty[0]].masked_prefix} >= its length)")
         return Batch(positions, input_ids, attention, pool, torch.stack(pixels) if pixels else None)
 
     def _pixels(self, item: MultimodalItem, index: int) -> torch.Tensor:
@@ -255,3 +288,14 @@ class Encoder:
                            release_compatible=self.release_compatible_images)
         return self.image_processor(image)
 
+
+
+def _check_finite(emb: torch.Tensor, positions: list[int]) -> None:
+    """Raise naming the items whose embedding has a NaN/inf (one reduction per batch, one sync)."""
+    finite = torch.isfinite(emb).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = [positions[row] for row in (~finite).nonzero().flatten().tolist()]
+    shown = ", ".join(map(str, sorted(bad)[:10])) + (f" (+{len(bad) - 10} more)" if len(bad) > 10 else "")
+    raise NumericalError(f"item(s) {shown}: the model produced non-finite (NaN/inf) embeddings; the checkpoint's "
+                         "weights or its image normalisation (preprocessor_config.json) are broken")

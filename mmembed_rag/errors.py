@@ -10,6 +10,8 @@ __all__ = [
     "CheckpointError",
     "MissingDependencyError",
     "DeviceError",
+    "NumericalError",
+    "InvalidArgumentError",
 ]
 
 
@@ -39,3 +41,14 @@ class MissingDependencyError(MMEmbedError, ImportError):
 
 class DeviceError(MMEmbedError, ValueError):
     """An unsupported dtype, or a device this machine does not have."""
+
+
+class NumericalError(MMEmbedError, ValueError):
+    """The model produced non-finite outputs (NaN or infinity) for the named items: broken weights or settings."""
+
+
+class InvalidArgumentError(MMEmbedError, TypeError, ValueError):
+    """A call argument (not an item) has the wrong type or value, e.g. ``batch_size=2.5``.
+
+    It is both a ``TypeError`` and a ``ValueError`` so that either ``except`` clause catches it.
+    """

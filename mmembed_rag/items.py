@@ -24,7 +24,7 @@ from PIL import Image
 from mmembed_rag.errors import InvalidItemError
 from mmembed_rag.images import IMAGE_SOURCE_TYPES, ImageSource, describe_source
 
-__all__ = ["ImageSource", "MultimodalItem", "to_item", "to_items"]
+__all__ = ["ImageSource", "MultimodalItem", "check_text", "to_item", "to_items"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class MultimodalItem:
             raise InvalidItemError(
                 f"instruction must be a str or None, got {type(self.instruction).__name__}"
             )
+        check_text(self.text, "text")
+        check_text(self.instruction, "instruction")
         if self.image is not None:
             if not isinstance(self.image, IMAGE_SOURCE_TYPES):
                 raise InvalidItemError(
@@ -85,6 +87,30 @@ class MultimodalItem:
         if self.instruction is not None:
             parts.append(f"instruction={self.instruction[:40]!r}")
         return f"MultimodalItem({', '.join(parts)})"
+
+
+def check_text(value: str | None, field: str) -> None:
+    """Refuse text that is not valid Unicode: a lone surrogate (``"\\ud800"``) cannot be tokenised or stored.
+
+    Such strings come from ``surrogateescape`` decoding of bytes that are not UTF-8, or from a JSON ``\\ud800``
+    escape; the tokenizer would fail later with a ``TypeError`` that names no item.
+
+    Args:
+        value: the text (``None`` passes).
+        field: its name in the message (``"text"``, ``"instruction"``).
+
+    Raises:
+        InvalidItemError: ``value`` contains a lone surrogate code point; the message gives its position.
+    """
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidItemError(
+            f"{field} is not valid Unicode: lone surrogate {value[exc.start]!r} at character {exc.start} "
+            "(decode the source as UTF-8, or with errors='replace')"
+        ) from exc
 
 
 def to_item(obj: object, index: int) -> MultimodalItem:

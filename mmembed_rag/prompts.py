@@ -3,12 +3,15 @@
 Queries: ``Instruct: {instruction}\\nQuery: <image>\\n{text}``; documents: ``<image>\\n{text}``.
 The ids are the release's tokenisation of the whole prompt string (see :mod:`mmembed_rag.tokenization`);
 only the template places the image token: a literal ``<image>`` in user text or an instruction stays text.
+A prompt longer than ``max_length`` loses the end of its text; an instruction is never cut, and one that leaves
+no room for the query is refused (:class:`~mmembed_rag.errors.InvalidItemError`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import InvalidItemError
 from .tokenization import Piece, PromptTokenizer
 
 __all__ = ["Prompt", "PromptBuilder"]
@@ -54,7 +57,12 @@ class PromptBuilder:
         self.max_length = max_length
 
     def query(self, text: str | None, has_image: bool, instruction: str | None) -> Prompt:
-        """Prompt of a query; the instruction span is masked out of pooling."""
+        """Prompt of a query; the instruction span is masked out of pooling.
+
+        Raises:
+            InvalidItemError: the instruction leaves no token of ``max_length`` for the query's text or image
+                (the message has no item index; :meth:`Encoder.query_prompts` adds it).
+        """
         head: list[Piece] = [("markup", "Instruct: "), ("text", instruction), ("markup", "\nQuery: ")] \
             if instruction else [("markup", "Query: ")]
         masked = 0
@@ -62,7 +70,29 @@ class PromptBuilder:
             # The release counts the instruction prefix tokenised on its own, with BOS and EOS.
             own = self.tokens.encode([("markup", "Instruct: "), ("text", instruction)])
             masked = len(self._prefix) + len(own) + len(self._suffix)
-        return self._build(head, text, has_image, masked)
+        prompt = self._build(head, text, has_image, masked)
+        if instruction and prompt.truncated:
+            self._check_room(head, text, has_image)
+        return prompt
+
+    def _check_room(self, head: list[Piece], text: str | None, has_image: bool) -> None:
+        """Refuse a query whose instruction pushes all of its text and image past ``max_length``.
+
+        Truncation cuts the end of the prompt, so an instruction that fills the budget would leave only masked
+        tokens (nothing to pool: a crash alone, a zero vector in a batch) or pool the markup alone. Cutting the
+        instruction instead would silently change the task the query asks for; the caller has to choose.
+
+        Raises:
+            InvalidItemError: the instruction and the template leave no token for the query's text or image.
+        """
+        image: list[Piece] = [("token", self.image_token_index), ("markup", "\n")] if has_image else []
+        markup = len(self.tokens.encode([*head, *image]))  # instruction, template and image slot
+        if markup + (1 if text else 0) > self.max_length - len(self._prefix) - len(self._suffix):  # 1: text's first
+            raise InvalidItemError(
+                f"the instruction leaves no room for the query within max_length={self.max_length} tokens "
+                f"(instruction and prompt markup take {markup + len(self._prefix) + len(self._suffix)}); "
+                "shorten the instruction or raise max_length"
+            )
 
     def document(self, text: str | None, has_image: bool) -> Prompt:
         """Prompt of a document (never an instruction)."""

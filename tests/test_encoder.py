@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from mmembed_rag import Encoder, ImageLoadError, InvalidItemError, MultimodalItem, get_instruction
+from mmembed_rag.errors import InvalidArgumentError, NumericalError
 
 
 def _corpus(image_file):
@@ -174,3 +176,77 @@ def test_parallel_image_loading_matches_serial_and_names_the_first_bad_item(tiny
     broken = items[:1] + [{"img": str(tmp_path / "missing1.png")}] + items[2:3] + [{"img": str(tmp_path / "m3.png")}]
     with pytest.raises(ImageLoadError, match=r"item 1: .*missing1.png"):
         parallel.encode_documents(broken, batch_size=4)
+
+
+# --- hostile inputs (issue 11) ----------------------------------------------------------------
+
+LONG_INSTRUCTION = "Find the image " * 2000
+
+
+@pytest.mark.parametrize("items", [["a", {"txt": "b", "instruction": "Find"}], ["a"]])
+def test_instruction_filling_max_length_is_refused_naming_the_item(tiny_encoder, items):
+    # Before: alone it crashed in pooling ("cannot reshape tensor of 0 elements"), in a batch the row was zeros.
+    with pytest.raises(InvalidItemError, match=r"^item 0: the instruction leaves no room for the query within "
+                                               r"max_length=4096 tokens \(instruction and prompt markup take \d+\); "
+                                               r"shorten the instruction or raise max_length$"):
+        tiny_encoder.encode_queries(items, instruction=LONG_INSTRUCTION)
+
+
+def test_item_instruction_filling_max_length_names_that_item(tiny_encoder):
+    with pytest.raises(InvalidItemError, match=r"^item 1: the instruction leaves no room"):
+        tiny_encoder.encode_queries(["a", {"txt": "b", "instruction": LONG_INSTRUCTION}], instruction="Find")
+
+
+def test_long_instruction_and_long_text_still_pool_the_text(tiny_checkpoint):
+    enc = Encoder.from_pretrained(tiny_checkpoint, device="cpu", max_length=128)
+    out = enc.encode_queries(["word " * 200, {"txt": "a " * 200, "img": Image.new("RGB", (8, 8))}],
+                             instruction="Find the image " * 4)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
+def test_prompt_with_nothing_to_pool_is_refused(tiny_encoder):
+    from mmembed_rag.prompts import Prompt
+
+    good = tiny_encoder.document_prompts([MultimodalItem(text="a")])[0]
+    empty = Prompt(good.ids, False, len(good.ids), False)
+    items = [MultimodalItem(text="a"), MultimodalItem(text="b")]
+    with pytest.raises(InvalidItemError, match=rf"^item 1: its prompt has no token left to pool \(masked_prefix "
+                                               rf"{len(good.ids)} >= its length\)$"):
+        tiny_encoder.collate(items, [good, empty], [0, 1])
+
+
+def test_lone_surrogates_name_the_item(tiny_encoder):
+    with pytest.raises(InvalidItemError, match=r"^item 1: text is not valid Unicode: lone surrogate '\\ud800' at "
+                                               r"character 1 \(decode the source as UTF-8, or with "
+                                               r"errors='replace'\)$"):
+        tiny_encoder.encode_documents(["ok", "a\ud800b"])
+    with pytest.raises(InvalidItemError, match=r"^item 0: instruction is not valid Unicode: lone surrogate '\\udcff'"):
+        tiny_encoder.encode_queries([{"txt": "a", "instruction": "find \udcff"}])
+    with pytest.raises(InvalidArgumentError, match=r"^instruction is not valid Unicode: lone surrogate '\\ud800' at "
+                                                   r"character 0"):
+        tiny_encoder.encode_queries(["a"], instruction="\ud800")
+
+
+@pytest.mark.parametrize("batch_size", [2.5, "4", True, None, 2.0])
+@pytest.mark.parametrize("method", ["encode_queries", "encode_documents"])
+def test_batch_size_must_be_an_int(tiny_encoder, method, batch_size):
+    expected = rf"^batch_size must be an int >= 1, got {type(batch_size).__name__} {re.escape(repr(batch_size))}$"
+    with pytest.raises(InvalidArgumentError, match=expected) as info:
+        getattr(tiny_encoder, method)(["a"], batch_size=batch_size)
+    assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
+
+
+def test_numpy_integer_batch_size_is_accepted(tiny_encoder):
+    assert tiny_encoder.encode_documents(["a", "b", "c"], batch_size=np.int64(2)).shape == (3, tiny_encoder.dim)
+
+
+def test_nan_weights_raise_naming_the_items(tiny_checkpoint):
+    import torch
+
+    enc = Encoder.from_pretrained(tiny_checkpoint, device="cpu")
+    with torch.no_grad():
+        enc.model.latent_attention_model.latents.fill_(float("nan"))
+    with pytest.raises(NumericalError, match=r"^item\(s\) 0, 1, 2: the model produced non-finite \(NaN/inf\) "
+                                             r"embeddings; the checkpoint's weights or its image normalisation "
+                                             r"\(preprocessor_config\.json\) are broken$"):
+        enc.encode_documents(["a", "b", {"img": Image.new("RGB", (8, 8))}])

@@ -144,3 +144,22 @@ def test_to_items_rejects_single_item(single: object) -> None:
 def test_to_items_rejects_non_iterable() -> None:
     with pytest.raises(InvalidItemError, match="expected a list of items, got int"):
         to_items(5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("obj", "field", "char", "position"), [
+    ("abc\ud800", "text", "\\ud800", 3),
+    ({"txt": "\udcff name", "img": "x.png"}, "text", "\\udcff", 0),
+    ({"text": "ok", "instruction": "find \udc80"}, "instruction", "\\udc80", 5),
+])
+def test_lone_surrogates_are_refused_naming_the_item(obj, field, char, position) -> None:
+    # Before: accepted here, then a TypeError ("TextInputSequence must be str") without the index in the tokenizer.
+    with pytest.raises(InvalidItemError) as info:
+        to_items(["fine", obj])
+    assert str(info.value) == (f"item 1: {field} is not valid Unicode: lone surrogate '{char}' at character "
+                               f"{position} (decode the source as UTF-8, or with errors='replace')")
+    assert isinstance(info.value.__cause__.__cause__, UnicodeEncodeError)  # to_item adds the index on top
+
+
+def test_surrogate_escaped_image_paths_are_kept() -> None:
+    # os.fsdecode of a non-UTF-8 file name gives lone surrogates; such a path is a real file name, not bad text.
+    assert to_item({"img": "photo-\udcff.png"}, 0).image == "photo-\udcff.png"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer
 
+from mmembed_rag.errors import InvalidItemError
 from mmembed_rag.prompts import PromptBuilder
 
 
@@ -54,10 +55,23 @@ def test_truncation_keeps_bos_and_eos(reference_encoder):
     assert len(prompt.ids) == 8 and prompt.ids[0] == 1 and prompt.ids[-1] == 2 and prompt.truncated
 
 
-def test_instruction_longer_than_max_length_drops_the_image(reference_encoder):
+@pytest.mark.parametrize(("text", "image"), [("x", True), ("x", False), (None, True)])
+def test_instruction_that_leaves_no_room_for_the_query_is_refused(reference_encoder, text, image):
+    # Before: the prompt was cut to the instruction alone (image dropped, masked_prefix == len(ids)): nothing to pool.
     short = PromptBuilder(reference_encoder.prompts.tokens, 32000, max_length=8)
-    prompt = short.query("x", True, "a very long instruction " * 5)
-    assert not prompt.has_image and prompt.truncated and prompt.masked_prefix == 8
+    with pytest.raises(InvalidItemError, match=r"^the instruction leaves no room for the query within max_length=8 "
+                                               r"tokens \(instruction and prompt markup take \d+\); shorten the "
+                                               r"instruction or raise max_length$"):
+        short.query(text, image, "a very long instruction " * 5)
+
+
+def test_instruction_that_fits_keeps_whole_and_the_text_is_cut(reference_encoder, raw):
+    short = PromptBuilder(reference_encoder.prompts.tokens, 32000, max_length=64)
+    prompt = short.query("word " * 50, True, "Find it.")
+    head = [1] + _ids(raw, "Instruct: Find it.\nQuery: <image>\n")
+    assert prompt.truncated and prompt.has_image and len(prompt.ids) == 64
+    assert list(prompt.ids[:len(head)]) == head and prompt.ids[-1] == 2
+    assert prompt.masked_prefix < len(prompt.ids)  # something left to pool
 
 
 def test_max_length_too_small(reference_encoder):
