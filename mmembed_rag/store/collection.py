@@ -35,7 +35,7 @@ from .records import (
     modality_filter,
     user_metadata,
 )
-from .writer import stream_add
+from .writer import replacing, stream_add
 
 __all__ = ["MultimodalCollection", "SearchResult", "StoredItem"]
 
@@ -304,15 +304,10 @@ class MultimodalCollection:
         merged = []
         for id_, meta in zip(ids, fresh):
             keep = {key: value for key, value in (stored[id_] or {}).items() if key in (MODALITY_KEY, IMAGE_URI_KEY)}
-            merged.append({**meta, **keep})
+            merged.append(replacing(stored[id_], {**meta, **keep}))  # Chroma merges keys: drop the old ones
         size = self.max_batch_size
         for start in range(0, len(ids), size):
-            # Chroma's update merges metadata keys; an upsert of the same row replaces them, which is what we want.
-            part = ids[start:start + size]
-            old = self.collection.get(ids=part, include=["embeddings", "documents"])
-            rows = dict(zip(old["ids"], zip(old["embeddings"], old["documents"])))
-            self.collection.upsert(ids=part, embeddings=np.stack([np.asarray(rows[i][0]) for i in part]),
-                                   documents=[rows[i][1] for i in part], metadatas=merged[start:start + size])
+            self.collection.update(ids=ids[start:start + size], metadatas=merged[start:start + size])
 
     def count(self) -> int:
         """Number of stored items."""

@@ -113,10 +113,14 @@ def check_writable(path: Path) -> None:
         StoreError: naming ``path`` and what is wrong with it.
     """
     existing = path
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
+    try:
+        while not existing.exists():
+            if existing.parent == existing:
+                break
+            existing = existing.parent
+    except OSError as exc:  # a folder on the way cannot be searched
+        raise StoreError(f"cannot use {path} as a Chroma database directory: {exc.strerror or exc} "
+                         f"({exc.filename})") from exc
     if existing.exists() and not existing.is_dir():
         raise StoreError(f"cannot use {path} as a Chroma database directory: {existing} is not a directory")
     files = [existing] + ([existing / "chroma.sqlite3"] if existing == path else [])

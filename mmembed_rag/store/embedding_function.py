@@ -158,7 +158,10 @@ class MMEmbedEmbeddingFunction(EmbeddingFunction[Embeddable]):
         self._encoder = encoder
         self._lock = threading.Lock()
         if encoder is not None:
-            check_load_only("encoder", encoder_kwargs=self.encoder_kwargs)
+            try:
+                check_load_only("encoder", encoder_kwargs=self.encoder_kwargs)
+            except ValueError as exc:
+                raise EmbeddingFunctionConfigError(str(exc)) from exc
             _share_encoder(encoder, (self.model, self.dtype, self.device, _options_key(self.encoder_kwargs)))
 
     @property

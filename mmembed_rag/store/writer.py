@@ -26,7 +26,7 @@ from mmembed_rag.items import MultimodalItem, to_item, to_items
 from .errors import StoreError
 from .records import IMAGE_URI_KEY, Record, build_record, content_id
 
-__all__ = ["stream_add"]
+__all__ = ["replacing", "stream_add"]
 
 logger = logging.getLogger(__name__)
 
@@ -191,5 +191,16 @@ def _undo(collection: Any, undo: _Undo, size: int) -> None:
     saved = list(undo.saved.items())
     for start in range(0, len(saved), size):
         part = saved[start:start + size]
-        collection.upsert(ids=[id_ for id_, _ in part], embeddings=np.stack([row[0] for _, row in part]),
-                          documents=[row[1] for _, row in part], metadatas=[row[2] for _, row in part])
+        ids = [id_ for id_, _ in part]
+        now = dict(zip(*(lambda got: (got["ids"], got["metadatas"]))(collection.get(ids=ids, include=["metadatas"]))))
+        collection.upsert(ids=ids, embeddings=np.stack([row[0] for _, row in part]),
+                          documents=[row[1] for _, row in part],
+                          metadatas=[replacing(now.get(id_), row[2]) for id_, row in part])
+
+
+def replacing(current: Mapping[str, Any] | None, wanted: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The metadata to upsert so that a row ends up with exactly ``wanted``: Chroma's upsert and update merge
+    metadata keys, and a ``None`` value removes a key."""
+    out: dict[str, Any] = {key: None for key in (current or {}) if key not in (wanted or {})}
+    out.update(wanted or {})
+    return out
