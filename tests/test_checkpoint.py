@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -302,3 +303,112 @@ def test_device_map_loads_and_embeds_identically(release_dir, release_encoder):
     for device_map in ("auto", {"": "cpu"}):
         spread = Encoder.from_pretrained(release_dir, dtype="float32", device_map=device_map)
         np.testing.assert_allclose(spread.encode_documents(docs), release_encoder.encode_documents(docs), atol=1e-6)
+
+
+# --- damaged checkpoints (issue 11): a CheckpointError naming the file, never a library's own exception ---------
+
+
+def _shard_with(ckpt: Path, suffix: str) -> Path:
+    for shard in sorted(ckpt.glob("model-*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            if any(k.endswith(suffix) for k in handle.keys()):
+                return shard
+    raise KeyError(suffix)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_shard_names_the_file(tiny_checkpoint, tmp_path, damage):
+    # Before: safetensors' SafetensorError ("Error while deserializing header: ..."), no CheckpointError.
+    ckpt = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    shard = _shard_with(ckpt, "latents")
+    data = shard.read_bytes()
+    shard.write_bytes(b"\xff" * 64 if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(shard))}: unreadable safetensors shard "
+                                              r"\(Error while deserializing header: .+\)$"):
+        Encoder.from_pretrained(ckpt, device="cpu")
+
+
+def test_one_dimensional_latents_name_the_shard(tiny_checkpoint, tmp_path):
+    # Before: "ValueError: too many values to unpack" from the pooling sizes.
+    ckpt = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    shard = _shard_with(ckpt, "latents")
+    state = load_file(shard)
+    key = next(k for k in state if k.endswith("latents"))
+    state[key] = state[key].flatten().contiguous()
+    save_file(state, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(shard))}: latent-attention weight "
+                                              rf"latent_attention_model\.latents has shape \({state[key].numel()},\), "
+                                              r"expected a non-empty 2-D matrix$"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda raw: raw["text_config"].update(hidden_size="32"),
+     r"not a valid LLaVA-NeXT config \(StrictDataclassFieldValidationError: Validation error for field "
+     r"'hidden_size': TypeError: Field 'hidden_size' expected int, got str \(value: '32'\)\)$"),
+    (lambda raw: raw.update(text_config=[1]),
+     r"not a valid LLaVA-NeXT config \(StrictDataclassFieldValidationError: Validation error for field "
+     r"'text_config'.*\)$"),
+    (lambda raw: (raw.pop("retriever"), raw.update(latent_attention_heads="8")),
+     r"latent_attention_heads must be a positive int, got '8'$"),
+    (lambda raw: raw.update(retriever=["nvidia/NV-Embed-v1"]),
+     r"retriever \['nvidia/NV-Embed-v1'\] is not a known checkpoint profile"),
+])
+def test_config_field_of_the_wrong_type_names_the_file(release_dir, tmp_path, edit, message):
+    # Before: huggingface_hub's StrictDataclassFieldValidationError, a ValueError from int("x"), a TypeError.
+    bad = _edit_config(release_dir, tmp_path / "bad", edit)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(bad / 'config.json'))}: {message}"):
+        load_model(bad)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("[1, 2]", r"expected a JSON object, got list"),
+    (None, r"unreadable \(\[Errno 21\] Is a directory: .*\)"),
+])
+def test_config_json_that_is_not_an_object_or_not_a_file(tiny_checkpoint, tmp_path, content, message):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    if content is None:
+        (ckpt / "config.json").unlink()
+        (ckpt / "config.json").mkdir()  # before: a raw IsADirectoryError
+    else:
+        (ckpt / "config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(ckpt / 'config.json'))}: {message}$"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("[]", r"not a valid safetensors index \(TypeError: list indices must be integers or slices, not str\)"),
+    ('{"weight_map": {"a": 3}}', r"weight_map must map weight names to shard file names"),
+])
+def test_damaged_index_names_the_file(tiny_checkpoint, tmp_path, content, message):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    (ckpt / "model.safetensors.index.json").write_text(content)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(ckpt / 'model.safetensors.index.json'))}: "
+                                              rf"{message}$"):
+        load_model(ckpt)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_shard_names_the_file(tiny_checkpoint, tmp_path):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    shard = next(ckpt.glob("model-*.safetensors"))
+    shard.chmod(0)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(shard))}: unreadable safetensors shard"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{not json", r"unreadable \(Expecting property name enclosed in double quotes: .*\)"),
+    ("[0.5, 0.5, 0.5]", r"expected a JSON object, got list"),
+    ('{"image_std": [0, 0, 0]}', r"image_std must be 3 finite numbers > 0 \(one per RGB channel\), got \[0, 0, 0\]"),
+    ('{"image_std": [0.2, 0.2]}', r"image_std must be 3 finite numbers > 0 \(one per RGB channel\), got \[0.2, 0.2\]"),
+    ('{"image_mean": [NaN, 0, 0]}', r"image_mean must be 3 finite numbers \(one per RGB channel\), got \[nan, 0, 0\]"),
+    ('{"rescale_factor": 0}', r"rescale_factor must be a finite number > 0, got 0"),
+    ('{"resample": 42}', r"resample must be a PIL resampling filter \(0-5\), got 42"),
+])
+def test_damaged_preprocessor_config_names_the_file(tiny_checkpoint, tmp_path, content, message):
+    # Before: a raw JSONDecodeError, or an encoder whose image embeddings are NaN (std 0) or garbage.
+    ckpt = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    (ckpt / "preprocessor_config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(ckpt / 'preprocessor_config.json'))}: {message}$"):
+        Encoder.from_pretrained(ckpt, device="cpu")

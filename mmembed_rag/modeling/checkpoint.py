@@ -2,21 +2,24 @@
 
 Safetensors only, no remote code. Key names are mapped between the release (which has the vision
 tower's ``vision_model.`` level) and current transformers (which does not); any missing or unexpected
-key is an error, never a silently random-initialised weight.
+key is an error, never a silently random-initialised weight. A damaged checkpoint (unreadable or corrupt file,
+wrong JSON type, impossible shape) is a :class:`~mmembed_rag.errors.CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..devices import resolve_device, resolve_dtype
@@ -47,11 +50,13 @@ def read_config(path: Path) -> dict[str, Any]:
     """Parse ``config.json`` (the raw dict, with MM-Embed's extra fields) and check it is a LLaVA-NeXT config."""
     file = path / "config.json"
     try:
-        raw = json.loads(file.read_text())
+        raw = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise CheckpointError(f"{path}: no config.json; not a checkpoint directory") from err
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{file}: invalid JSON ({err})") from err
+    except (OSError, UnicodeDecodeError) as err:  # permission denied, a directory, not UTF-8...
+        raise CheckpointError(f"{file}: unreadable ({err})") from err
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("model_type") != "llava_next":
@@ -63,9 +68,13 @@ def _weight_files(path: Path) -> list[Path]:
     index = path / WEIGHTS_INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from err
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(err).__name__}: {err})") from err
+        except (OSError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{index}: unreadable ({err})") from err
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map weight names to shard file names")
         return [path / name for name in sorted(set(weight_map.values()))]
     if (path / WEIGHTS_FILE).is_file():
         return [path / WEIGHTS_FILE]
@@ -74,30 +83,50 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no {WEIGHTS_INDEX} or {WEIGHTS_FILE}")
 
 
-def _read_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+def _read_shapes(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, Path]]:
+    """Shape of every weight (native key names) and the shard file that holds it, from the headers only."""
     shapes: dict[str, tuple[int, ...]] = {}
+    origin: dict[str, Path] = {}
     for file in files:
         if not file.is_file():
             raise CheckpointError(f"{file}: weight shard listed in the index is missing")
-        with safe_open(str(file), framework="pt") as handle:
+        with _shard(file) as handle:
             for key in handle.keys():
                 shapes[_to_native(key)] = tuple(handle.get_slice(key).get_shape())
-    return shapes
+                origin[_to_native(key)] = file
+    return shapes, origin
 
 
-def _pooling_from(raw: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+@contextlib.contextmanager
+def _shard(file: Path) -> Iterator[Any]:
+    """``safe_open`` whose failures (corrupt header, unreadable file, bad tensor data) name the shard."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            yield handle
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: unreadable safetensors shard ({err})") from err
+
+
+def _pooling_from(raw: dict[str, Any], shapes: dict[str, tuple[int, ...]], origin: dict[str, Path],
                   heads: int) -> tuple[str, dict[str, int]]:
     """Pooling kind from config (default: latent attention), its sizes from the weight shapes and ``heads``."""
     kind = raw.get("pooling", "latent_attention")
     if kind != "latent_attention":
         return kind, {}
     prefix = "latent_attention_model."
-    try:
-        num_latents, _ = shapes[prefix + "latents"]
-        inner, _ = shapes[prefix + "cross_attend_blocks.0.fn.to_q.weight"]
-        ff_width, dim = shapes[prefix + "cross_attend_blocks.1.fn.net.0.weight"]
-    except KeyError as err:
-        raise CheckpointError(f"latent-attention weight {err.args[0]} missing from the checkpoint") from err
+    sizes = []
+    for name in ("latents", "cross_attend_blocks.0.fn.to_q.weight", "cross_attend_blocks.1.fn.net.0.weight"):
+        key = prefix + name
+        if key not in shapes:
+            raise CheckpointError(f"latent-attention weight {key} missing from the checkpoint")
+        if len(shapes[key]) != 2 or 0 in shapes[key]:
+            raise CheckpointError(f"{origin[key]}: latent-attention weight {key} has shape {shapes[key]}, "
+                                  "expected a non-empty 2-D matrix")
+        sizes.append(shapes[key])
+    (num_latents, _), (inner, _), (ff_width, dim) = sizes
+    if inner % heads or ff_width % (2 * dim):
+        raise CheckpointError(f"{origin[prefix + 'latents']}: latent-attention sizes do not fit {heads} heads "
+                              f"(query width {inner}) or a GEGLU of width {dim} (feed-forward width {ff_width})")
     return kind, {"num_latents": num_latents, "heads": heads, "head_dim": inner // heads,
                   "ff_mult": ff_width // (2 * dim)}
 
@@ -129,16 +158,24 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device) if device is not None else torch.device("cpu")
     files = _weight_files(path)
-    shapes = _read_shapes(files)
+    shapes, origin = _read_shapes(files)
     embed = shapes.get("language_model.embed_tokens.weight")
     if embed is None or len(embed) != 2:
-        raise CheckpointError(f"{path}: language_model.embed_tokens.weight missing or not 2-D ({embed})")
-    config = build_config(raw, embedding_rows=embed[0])
-    check_shapes(config, shapes)
-    profile = profile_for(raw)
-    pooling, options = _pooling_from(raw, shapes, profile.latent_heads)
-    with init_empty_weights(include_buffers=False):
-        model = MMEmbedModel(config, pooling=pooling, pooling_options=options, id_map=profile.id_map)
+        where = origin.get("language_model.embed_tokens.weight", path)
+        raise CheckpointError(f"{where}: language_model.embed_tokens.weight missing or not 2-D ({embed})")
+    try:
+        config = build_config(raw, embedding_rows=embed[0])
+        check_shapes(config, shapes)
+        profile = profile_for(raw)
+    except CheckpointError as err:  # the profile helpers say "config.json"; name the file itself
+        raise CheckpointError(f"{path / 'config.json'}: {str(err).removeprefix('config.json: ')}") from err
+    pooling, options = _pooling_from(raw, shapes, origin, profile.latent_heads)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = MMEmbedModel(config, pooling=pooling, pooling_options=options, id_map=profile.id_map)
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, IndexError) as err:
+        raise CheckpointError(f"{path / 'config.json'}: the network it describes cannot be built "
+                              f"({type(err).__name__}: {err})") from err
     expected = model.state_dict()
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
@@ -155,7 +192,7 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
     placement = _device_map(model, device_map, torch_dtype) if device_map is not None else {"": target}
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        with _shard(file) as handle:
             for key in handle.keys():
                 native = _to_native(key)
                 state[native] = handle.get_tensor(key).to(_placed(native, placement), torch_dtype)

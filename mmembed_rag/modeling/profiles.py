@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import LlavaNextConfig
 
 from ..errors import CheckpointError
@@ -20,6 +21,8 @@ from ..errors import CheckpointError
 __all__ = ["CheckpointProfile", "NV_EMBED_V1", "profile_for", "build_config", "check_shapes"]
 
 LM = "language_model."
+# What transformers' config classes raise on a field of the wrong type or value (strict dataclasses: not ValueError).
+_CONFIG_ERRORS = (TypeError, ValueError, KeyError, AttributeError, StrictDataclassError)
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,11 @@ def profile_for(raw: Mapping[str, Any]) -> CheckpointProfile:
     """
     retriever = raw.get("retriever")
     if retriever is None:
-        return CheckpointProfile(name=None, latent_heads=int(raw.get("latent_attention_heads", 8)))
-    if retriever not in _PROFILES:
+        heads = raw.get("latent_attention_heads", 8)
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            raise CheckpointError(f"config.json: latent_attention_heads must be a positive int, got {heads!r}")
+        return CheckpointProfile(name=None, latent_heads=heads)
+    if not isinstance(retriever, str) or retriever not in _PROFILES:
         raise CheckpointError(f"config.json: retriever {retriever!r} is not a known checkpoint profile "
                               f"({', '.join(_PROFILES)}); its language-model settings cannot be pinned")
     return _PROFILES[retriever]
@@ -76,16 +82,21 @@ def build_config(raw: Mapping[str, Any], embedding_rows: int) -> LlavaNextConfig
     Args:
         raw: config.json's contents.
         embedding_rows: rows of ``language_model.embed_tokens`` (from the weights).
+
+    Raises:
+        CheckpointError: a field has the wrong type or value (transformers' own error in the message).
     """
     fields = {k: v for k, v in raw.items() if k not in ("auto_map", "architectures", "transformers_version")}
+    overrides = profile_for(raw).text_overrides
     try:
         config = LlavaNextConfig(**fields)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"config.json: not a valid LLaVA-NeXT config ({err})") from err
-    text = config.text_config.to_dict()
-    text.update(profile_for(raw).text_overrides)
-    text["vocab_size"] = embedding_rows
-    config.text_config = type(config.text_config)(**text)
+        text = config.text_config.to_dict()
+        text.update(overrides)
+        text["vocab_size"] = embedding_rows
+        config.text_config = type(config.text_config)(**text)
+    except _CONFIG_ERRORS as err:
+        raise CheckpointError(f"config.json: not a valid LLaVA-NeXT config ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())})") from err
     return config
 
 
