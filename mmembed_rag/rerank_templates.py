@@ -3,7 +3,9 @@
 A :class:`RerankTemplate` has a **query part** (rendered first, shared by every candidate of a query so its
 key/value cache is computed once) and a **candidate part** (the candidate, then the question). Slots are
 ``{query_text}``, ``{query_image}`` in the query part and ``{candidate_text}``, ``{candidate_image}`` in the
-candidate part; a slot whose modality the item lacks renders as nothing.
+candidate part; a slot whose modality the item lacks renders as nothing. Braces follow ``str.format``'s syntax:
+``{{`` and ``}}`` are literal braces, any other ``{...}`` is a slot, and a single brace is an error; slots take no
+conversion or format spec (``{query_text!r}``, ``{query_text:>10}`` are refused).
 
 User text is data, never template syntax: the template is split on its slots once, here, and user text is
 inserted into the pieces (no ``str.format``, no Jinja), then tokenised with special-token matching off, so
@@ -50,7 +52,9 @@ logger = logging.getLogger(__name__)
 
 QUERY_SLOTS = ("query_text", "query_image")
 CANDIDATE_SLOTS = ("candidate_text", "candidate_image")
-_SLOT_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# In str.format's order: escaped braces first, then a whole {field}, then a brace left alone.
+_BRACES_RE = re.compile(r"\{\{|\}\}|\{[^{}]*\}|[{}]")
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: Chat wrapper used when the checkpoint has no chat template: nothing before, an answer cue after.
 PLAIN_WRAPPER = ("", "\nAnswer:")
 _QUESTION = " Answer True or False."
@@ -65,28 +69,51 @@ def _parse(text: str, allowed: tuple[str, ...], part: str) -> tuple[tuple[str, s
     """Split ``text`` into ``("text", literal)`` and ``("slot", name)`` pieces, validating the slots."""
     pieces: list[tuple[str, str]] = []
     seen: set[str] = set()
+    literal: list[str] = []
     start = 0
-    for match in _SLOT_RE.finditer(text):
-        name = match.group(1)
-        if name not in allowed:
-            where = "the candidate part" if name in CANDIDATE_SLOTS else "the query part"
-            hint = (f"{{{name}}} belongs in {where}" if name in QUERY_SLOTS + CANDIDATE_SLOTS
-                    else "unknown slot")
-            raise TemplateError(f"{part} part: {hint} {{{name}}}; allowed here: "
-                                + ", ".join(f"{{{s}}}" for s in allowed))
+    for match in _BRACES_RE.finditer(text):
+        literal.append(text[start:match.start()])
+        start = match.end()
+        token = match.group()
+        if token in ("{{", "}}"):
+            literal.append(token[0])
+            continue
+        if len(token) == 1:
+            raise TemplateError(f"{part} part: single {token!r} at character {match.start()}; write {token * 2!r} "
+                                "for a literal brace")
+        name = _slot_name(token, allowed, part)
         if name in seen:
             raise TemplateError(f"{part} part: slot {{{name}}} appears more than once")
         seen.add(name)
-        if match.start() > start:
-            pieces.append(("text", text[start:match.start()]))
+        if "".join(literal):
+            pieces.append(("text", "".join(literal)))
+        literal.clear()
         pieces.append(("slot", name))
-        start = match.end()
-    if start < len(text):
-        pieces.append(("text", text[start:]))
+    literal.append(text[start:])
+    if "".join(literal):
+        pieces.append(("text", "".join(literal)))
     if not seen:
         raise TemplateError(f"{part} part has no slot; it needs at least one of "
                             + ", ".join(f"{{{s}}}" for s in allowed))
     return tuple(pieces)
+
+
+def _slot_name(token: str, allowed: tuple[str, ...], part: str) -> str:
+    """The slot named by ``token`` (``"{name}"``), or a TemplateError saying what is wrong with it."""
+    inner = token[1:-1]
+    choices = ", ".join(f"{{{s}}}" for s in allowed)
+    name = re.split(r"[!:]", inner, maxsplit=1)[0]
+    if name != inner:
+        raise TemplateError(f"{part} part: {token}: slots take no conversion (!r, !s) or format spec (:...); "
+                            f"write {{{name}}}" + ("" if name in allowed else f" with one of {choices}"))
+    if not _NAME_RE.fullmatch(name):
+        raise TemplateError(f"{part} part: {token} is not a slot; allowed here: {choices} "
+                            "(write {{ and }} for literal braces)")
+    if name not in allowed:
+        where = "the candidate part" if name in CANDIDATE_SLOTS else "the query part"
+        hint = f"{{{name}}} belongs in {where}" if name in QUERY_SLOTS + CANDIDATE_SLOTS else "unknown slot"
+        raise TemplateError(f"{part} part: {hint} {{{name}}}; allowed here: {choices}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -99,8 +126,12 @@ class RerankTemplate:
             question (e.g. "Does the passage answer the query? Answer True or False.").
         name: a label for logs and errors.
 
+    Braces are ``str.format``'s: write ``{{`` and ``}}`` for literal braces; a slot takes no conversion or format
+    spec. User text filled into a slot is never parsed (its braces stay as they are).
+
     Raises:
-        TemplateError: a part has no slot, an unknown or repeated slot, or the other part's slot.
+        TemplateError: a part has no slot, an unknown or repeated slot, the other part's slot, a slot with a
+            conversion or format spec, or a single brace.
 
     Example:
         >>> RerankTemplate(query="Question: {query_text}\\n",

@@ -27,8 +27,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, DynamicCache, LlavaNextForConditionalGeneration, PreTrainedTokenizerBase
 
+from .arguments import positive_int
 from .devices import default_dtype, resolve_device, resolve_dtype
-from .errors import CheckpointError, ImageLoadError, InvalidItemError
+from .errors import CheckpointError, ImageLoadError, InvalidItemError, NumericalError
 from .hub import resolve_checkpoint
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .items import MultimodalItem, to_item
@@ -166,6 +167,8 @@ class MLLMReranker:
             InvalidItemError: the query or a candidate (named by index) is invalid or does not fit the template.
             ImageLoadError: an image cannot be loaded (the message names the candidate index or the query).
             TemplateError: unknown template name.
+            InvalidArgumentError: ``batch_size`` is not an int >= 1.
+            NumericalError: the model produced NaN/inf scores (named by candidate index).
         """
         query_item, items = self._items(query, candidates)
         return self._score(query_item, items, batch_size, show_progress, template, use_cache)
@@ -360,8 +363,7 @@ class MLLMReranker:
 
     def _score(self, query: MultimodalItem, items: list[MultimodalItem], batch_size: int,
                show_progress: bool | None, template: str | RerankTemplate | None, use_cache: bool) -> np.ndarray:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = positive_int(batch_size, "batch_size")
         templates = self._templates(query, items, template)
         out = np.zeros(len(items), dtype=np.float32)
         if not items:
@@ -386,6 +388,12 @@ class MLLMReranker:
                         pixels.append(self._pixels(items[i], f"candidate {i}"))
                     out[i] = self._score_pair(list(prefix_ids) + rows[i], pixels)
                     bar.update(1)
+        bad = np.flatnonzero(~np.isfinite(out))  # one cheap pass: NaN weights or image settings give NaN P("True")
+        if bad.size:
+            shown = ", ".join(map(str, bad[:10].tolist())) + (f" (+{bad.size - 10} more)" if bad.size > 10 else "")
+            raise NumericalError(f"candidate(s) {shown}: the reranker produced non-finite (NaN/inf) scores; the "
+                                 "checkpoint's weights or its image normalisation (preprocessor_config.json) are "
+                                 "broken")
         return out
 
     def _score_group(self, prefix_ids: list[int], query_features: torch.Tensor | None, rows: dict[int, list[int]],

@@ -13,6 +13,7 @@ from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmembed_rag import CheckpointError, ImageLoadError, InvalidItemError, MultimodalItem
+from mmembed_rag.errors import InvalidArgumentError, NumericalError
 from mmembed_rag.rerank_templates import (
     PLAIN_WRAPPER,
     RERANK_TEMPLATES,
@@ -346,3 +347,57 @@ def test_device_map_loads_the_same_reranker(reranker, reranker_dir):
     assert spread.model.dtype == torch.float32
     np.testing.assert_allclose(spread.score("a red square", _candidates()), reranker.score("a red square",
                                                                                            _candidates()), atol=1e-6)
+
+
+# --- hostile inputs (issue 11) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("query, message", [
+    ("Q: {query_text!r}", "query part: {query_text!r}: slots take no conversion (!r, !s) or format spec (:...); "
+                          "write {query_text}"),
+    ("Q: {query_text:>10}", "query part: {query_text:>10}: slots take no conversion (!r, !s) or format spec (:...); "
+                            "write {query_text}"),
+    ("Q: {query_image!s:^3}", "query part: {query_image!s:^3}: slots take no conversion"),
+    ("Q: {x!r} {query_text}", "query part: {x!r}: slots take no conversion (!r, !s) or format spec (:...); write {x} "
+                              "with one of {query_text}, {query_image}"),
+    ("Q: { {query_text}", "query part: single '{' at character 3; write '{{' for a literal brace"),
+    ("Q: {query_text} }", "query part: single '}' at character 16; write '}}' for a literal brace"),
+    ("Q: {} {query_text}", "query part: {} is not a slot; allowed here: {query_text}, {query_image} (write {{ and }} "
+                           "for literal braces)"),
+])
+def test_template_syntax_errors_say_what_is_wrong(query, message):
+    # Before: "{query_text!r}" and "{query_text:>10}" were reported as "query part has no slot".
+    with pytest.raises(TemplateError) as info:
+        RerankTemplate(query=query, candidate="D: {candidate_text}")
+    assert str(info.value).startswith(message)
+
+
+def test_doubled_braces_are_literal_braces(reranker):
+    # Before: "{{query_text}}" was read as the slot {query_text} inside literal braces, "{{x}}" as the unknown slot {x}.
+    template = RerankTemplate(query='JSON {{"q": "{query_text}"}} {{query_text}}\n',
+                              candidate="D: {candidate_text}\nRelevant? Answer True or False.")
+    assert template.query_pieces == (("text", 'JSON {"q": "'), ("slot", "query_text"),
+                                     ("text", '"} {query_text}\n'))
+    prompt = reranker.format_prompt("red {candidate_text}", "a {{b}}", template=template)
+    assert 'JSON {"q": "red {candidate_text}"} {query_text}\nD: a {{b}}\nRelevant?' in prompt  # user text as is
+
+
+@pytest.mark.parametrize("batch_size", [2.5, "4", True, None])
+@pytest.mark.parametrize("method", ["score", "rerank"])
+def test_reranker_batch_size_must_be_an_int(reranker, method, batch_size):
+    # Before: "4" gave "'<' not supported between str and int", 2.5 a TypeError from range(), True was batch size 1.
+    with pytest.raises(InvalidArgumentError) as info:
+        getattr(reranker, method)("q", ["a", "b"], batch_size=batch_size)
+    assert str(info.value) == f"batch_size must be an int >= 1, got {type(batch_size).__name__} {batch_size!r}"
+    assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_nan_scores_raise_naming_the_candidates(reranker_dir, use_cache):
+    fresh = MLLMReranker.from_pretrained(reranker_dir, device="cpu")
+    with torch.no_grad():
+        fresh.model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(NumericalError) as info:
+        fresh.score("q", ["a", {"img": RED}, "c"], use_cache=use_cache)
+    assert str(info.value) == ("candidate(s) 0, 1, 2: the reranker produced non-finite (NaN/inf) scores; the "
+                               "checkpoint's weights or its image normalisation (preprocessor_config.json) are broken")
