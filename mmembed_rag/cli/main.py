@@ -34,7 +34,12 @@ _INPUT_ERROR_NAMES = {"StoreError", "DimensionMismatchError", "EmbeddingFunction
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one ``error: ...`` line (raised, reported by :func:`main`)."""
+    """argparse, but a usage error is one ``error: ...`` line (raised, reported by :func:`main`), and options are
+    never abbreviated (``--token SECRET`` must not become ``--token-env SECRET``)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message} (see `{self.prog} --help`)")
@@ -95,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     try:
+        _refuse_secrets(argv)
         parser = build_parser()
         prefix, command, rest = _split_delegated(argv)
         if command is not None:
@@ -117,6 +123,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # the one place every failure becomes a one-line message
         return _report_error(exc, verbose)
+
+
+def _refuse_secrets(argv: list[str]) -> None:
+    """A token on the command line would land in shell history and ``ps``; refuse it without echoing it."""
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name in ("--token", "--auth-token", "--api-key", "--password"):
+            raise UsageError(f"{name} is not an option: the Chroma server token is read from the environment "
+                             f"variable {TOKEN_ENV} (or the one --token-env names), never from the command line")
 
 
 def _split_delegated(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
