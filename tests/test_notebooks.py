@@ -86,8 +86,23 @@ def _images(nb) -> int:
     return sum("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
 
 
+@pytest.fixture(scope="session")
+def demo_models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's trained models, which the notebooks load: trained once (about 6 minutes on two cores).
+
+    Kept in pytest's cache directory when it has one, so later runs reuse them (every pipeline step is keyed
+    by a hash of its inputs); else in a temporary directory.
+    """
+    from mmembed_rag.demo import train_demo
+
+    cache = getattr(request.config, "cache", None)
+    root = Path(cache.mkdir("demo-models")) if cache is not None else tmp_path_factory.mktemp("demo-models")
+    train_demo(root)
+    return root
+
+
 @pytest.fixture()
-def run_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def run_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_models: Path):
     # Connection files and IPython's profile go to the temporary directory too, not to the user's home.
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
@@ -102,7 +117,8 @@ def run_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         work, temp = tmp_path / "cwd", tmp_path / "tmp"
         work.mkdir()
         temp.mkdir()
-        env = {**os.environ, "TMPDIR": str(temp), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env = {**os.environ, "TMPDIR": str(temp), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "MMEMBED_RAG_DEMO_DIR": str(demo_models)}
         client = NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=300,
                                 resources={"metadata": {"path": str(work)}})
         client.execute(env=env)  # raises CellExecutionError, naming the cell, when a cell fails
@@ -129,7 +145,7 @@ def test_committed_without_outputs(path: Path) -> None:
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # the first notebook test also trains the demo's models
 def test_llama_index_rag(run_notebook) -> None:
     nb = run_notebook("01_multimodal_rag_llama_index.ipynb")
     text = _text(nb)
@@ -138,22 +154,28 @@ def test_llama_index_rag(run_notebook) -> None:
     assert len(tables) == 4 and tables[-1], "text->image, image->text, composed, then a reranked table"
     rows = re.findall(r"(?m)^ +\d+ +-?\d\.\d{3} .*?(image\+text|image|text) ", text)
     assert {"image", "text"} <= set(rows)
+    # The demo's trained model answers right: the red circle's picture for its caption, its caption for the picture.
+    firsts = re.findall(r"(?m)^ +1 +-?\d\.\d{3} +(.*)$", text)
+    assert re.fullmatch(r"image +red-circle\.png", firsts[0].strip()), firsts
+    assert re.fullmatch(r"text +a solid circle in red, large, in the center", firsts[1].strip()), firsts
     assert _images(nb) >= 3  # the corpus, the query image, image hits
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_langchain_multimodal_qa(run_notebook) -> None:
     nb = run_notebook("02_langchain_multimodal_qa.ipynb")
     text = _text(nb)
     answers = re.findall(r"(?m)^Assistant: \[stand-in\] .*$", text)
     assert len(answers) == 3
+    # The trained model finds the passage that answers the text question and the picture question.
+    assert "Novisa is the large outlined green triangle" in answers[0] and "Kalomi" in answers[1], answers
     assert "[+ image user-photo.png]" in text  # a turn with an image
     sources = re.findall(r"(?m)^ +\d +-?\d\.\d{3} +-?\d\.\d{3} +(image|text) +(\S+)", text)
     assert len(sources) == 9  # three sources per answer
     assert any(kind == "image" and ref.endswith(".png") for kind, ref in sources)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_finetune_domain_variant(run_notebook) -> None:
     nb = run_notebook("03_finetune_domain_variant.ipynb")
     text = _text(nb)
@@ -164,3 +186,6 @@ def test_finetune_domain_variant(run_notebook) -> None:
     assert "config.json" in text and "model.safetensors.index.json" in text
     match = re.search(r"same query: cosine (\d\.\d+)", text)
     assert match and float(match.group(1)) > 0.99
+    mine, other = map(float, re.search(r"cosine with its image (-?\d\.\d+), with an unrelated passage (-?\d\.\d+)",
+                                       text).groups())
+    assert mine > other + 0.3  # a trained model tells them apart

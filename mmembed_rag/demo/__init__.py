@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .run import main
+from .run import default_models_dir, main, train_demo
 
-__all__ = ["main"]
+__all__ = ["main", "train_demo", "default_models_dir"]

@@ -21,9 +21,12 @@ from ..modeling.checkpoint import save_model
 from ..modeling.model import MMEmbedModel
 from ..modeling.profiles import build_config, profile_for
 
-__all__ = ["make_tiny_checkpoint", "tiny_config"]
+__all__ = ["make_tiny_checkpoint", "tiny_config", "ANSWER_WORDS"]
 
 _SPECIALS = ["<unk>", "<s>", "</s>"]
+#: Single tokens in every tiny tokenizer, as "▁True" / "▁False" are in Llama's and Mistral's vocabularies:
+#: a reranker started from a tiny bi-encoder answers with them.
+ANSWER_WORDS = ("True", "False")
 _CORPUS_WORDS = (
     "a an the this that same but in on of with and or to for from is are was be it its as at by "
     "red green blue yellow purple orange black white gray pink brown colour color bright dark "
@@ -60,6 +63,21 @@ def _train_tokenizer(vocab_size: int) -> Tokenizer:
                                      decoders.Strip(" ", 1, 0)])
     tok.add_special_tokens(_SPECIALS)
     return tok
+
+
+def _add_words(backend: Tokenizer, words: tuple[str, ...]) -> Tokenizer:
+    """Append BPE merges so each word (with its leading "▁") becomes one token, as in Llama's vocabulary."""
+    spec = json.loads(backend.to_str())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    for word in words:
+        pieces = backend.encode(word, add_special_tokens=False).tokens  # e.g. ["▁T", "ru", "e"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            merges.append([merged, piece])  # lowest priority: only joins what the old merges left apart
+            merged += piece
+            vocab.setdefault(merged, len(vocab))
+    # Added tokens keep their ids; the new pieces go after the learned vocabulary.
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def tiny_config(image_token_index: int, vocab_size: int, image_size: int = 56, patch_size: int = 14,
@@ -135,7 +153,7 @@ def make_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, vocab_size: int
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    backend = _train_tokenizer(vocab_size)
+    backend = _add_words(_train_tokenizer(vocab_size), ANSWER_WORDS)
     image_id = backend.get_vocab_size()
     backend.add_special_tokens(["<image>", "<pad>"])
     model_vocab = (image_id + 2 + 63) // 64 * 64  # padded like the release's 32064

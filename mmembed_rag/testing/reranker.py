@@ -8,7 +8,6 @@ processor files). Nothing is downloaded; it builds in about a second.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,14 @@ import torch
 from tokenizers import Tokenizer
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, PreTrainedTokenizerFast
 
-from .checkpoint import _patch_tokenizer_config, _processor_files, _train_tokenizer, tiny_config
+from .checkpoint import (
+    ANSWER_WORDS,
+    _add_words,
+    _patch_tokenizer_config,
+    _processor_files,
+    _train_tokenizer,
+    tiny_config,
+)
 
 __all__ = ["make_tiny_reranker", "TINY_CHAT_TEMPLATE"]
 
@@ -29,21 +35,6 @@ TINY_CHAT_TEMPLATE = (
 # Fields of MM-Embed's config that a generative LLaVA-NeXT checkpoint does not have.
 _ENCODER_ONLY_FIELDS = ("add_eos_token", "architectures", "auto_map", "global_image_patch_only", "retriever",
                         "padding_side", "transformers_version", "torch_dtype", "use_image_newline_parameter")
-
-
-def _add_words(backend: Tokenizer, words: tuple[str, ...]) -> Tokenizer:
-    """Append BPE merges so each word (with its leading "▁") becomes one token, as in Llama's vocabulary."""
-    spec = json.loads(backend.to_str())
-    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
-    for word in words:
-        pieces = backend.encode(word, add_special_tokens=False).tokens  # e.g. ["▁T", "ru", "e"]
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            merges.append([merged, piece])  # lowest priority: only joins what the old merges left apart
-            merged += piece
-            vocab.setdefault(merged, len(vocab))
-    # Added tokens keep their ids; the new pieces go after the learned vocabulary.
-    return Tokenizer.from_str(json.dumps(spec))
 
 
 @torch.no_grad()
@@ -84,7 +75,7 @@ def make_tiny_reranker(path: str | os.PathLike, seed: int = 0, vocab_size: int =
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    backend = _add_words(_train_tokenizer(vocab_size), ("True", "False"))
+    backend = _add_words(_train_tokenizer(vocab_size), ANSWER_WORDS)
     answer_ids = [backend.token_to_id("▁True"), backend.token_to_id("▁False")]
     image_id = backend.get_vocab_size()
     backend.add_special_tokens(["<image>", "<pad>"])
