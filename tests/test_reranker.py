@@ -401,3 +401,12 @@ def test_nan_scores_raise_naming_the_candidates(reranker_dir, use_cache):
         fresh.score("q", ["a", {"img": RED}, "c"], use_cache=use_cache)
     assert str(info.value) == ("candidate(s) 0, 1, 2: the reranker produced non-finite (NaN/inf) scores; the "
                                "checkpoint's weights or its image normalisation (preprocessor_config.json) are broken")
+
+
+def test_lone_surrogates_name_the_candidate(reranker):
+    # Before: "TypeError: TextInputSequence must be str" from the tokenizer, naming nothing.
+    with pytest.raises(InvalidItemError, match=r"^candidate 1: text is not valid Unicode: lone surrogate '\\ud800' at "
+                                               r"character 1 "):
+        reranker.score("q", ["a", "b\ud800"])
+    with pytest.raises(InvalidItemError, match=r"^query: text is not valid Unicode: lone surrogate '\\udcff'"):
+        reranker.rerank("\udcff", ["a"])
