@@ -41,6 +41,10 @@ __all__ = ["MultimodalCollection", "SearchResult", "StoredItem"]
 
 logger = logging.getLogger(__name__)
 
+#: Items per encode/write step of :meth:`MultimodalCollection.add` by default: small enough that encoding the next
+#: chunk hides writing this one from the first seconds of a call, large enough to amortise Chroma's per-call cost.
+DEFAULT_CHUNK_SIZE = 256
+
 #: What :meth:`MultimodalCollection.search` returns: the project's one ranking result type.
 SearchResult = RankedItem
 
@@ -161,7 +165,8 @@ class MultimodalCollection:
                 same item again overwrites it instead of duplicating it (a re-run after a crash is safe).
             metadatas: one dict (or None) per item (any iterable); ``modality`` and ``image_uri`` are reserved.
             show_progress: a progress bar (default: for 256 items or more, or an input of unknown length).
-            chunk_size: items per encode/upsert step, capped at the client's ``get_max_batch_size()``.
+            chunk_size: items per encode/upsert step (default :data:`DEFAULT_CHUNK_SIZE`), capped at the client's
+                ``get_max_batch_size()``.
 
         Returns:
             The ids, one per item, in order.
@@ -177,7 +182,7 @@ class MultimodalCollection:
                                        or chunk_size < 1):
             raise StoreError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self._check_dim(self.encoder.dim)
-        size = min(self.max_batch_size, chunk_size or self.max_batch_size)
+        size = min(self.max_batch_size, chunk_size or DEFAULT_CHUNK_SIZE)
         return stream_add(self.collection, self.encoder, items, ids, metadatas, chunk_size=size,
                           batch_size=self.embedding_function.batch_size, show_progress=show_progress)
 
