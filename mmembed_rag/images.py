@@ -29,7 +29,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, TypeAlias
+from typing import Any, BinaryIO, TypeAlias
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -304,16 +304,24 @@ class _DeadlineResponse(http.client.HTTPResponse):
         self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline))
 
 
-class _DeadlineHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, *args: object, deadline: float, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
+class _DeadlineConnection:
+    """Connection mixin: connect within what is left of the deadline (a redirect opens a new connection), and read
+    the response through it."""
+
+    def __init__(self, *args: Any, deadline: float, timeout: float, **kwargs: Any) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the fetch's deadline passed")
+        super().__init__(*args, timeout=min(timeout, remaining), **kwargs)
         self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
 
 
-class _DeadlineHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args: object, deadline: float, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
+class _DeadlineHTTPConnection(_DeadlineConnection, http.client.HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection):
+    pass
 
 
 class _DeadlineHTTPHandler(urllib.request.HTTPHandler):

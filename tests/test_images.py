@@ -448,6 +448,12 @@ def hostile_server(red: Image.Image) -> Iterator[str]:
                 self.send_header("Content-Length", str(10**12))
                 self.end_headers()
                 self.wfile.write(body)
+            elif self.path.startswith("/slow-redirect-"):  # each hop quick enough, the chain not
+                hop = int(self.path.rsplit("-", 1)[1])
+                time.sleep(0.4)
+                self.send_response(302)
+                self.send_header("Location", f"/slow-redirect-{hop + 1}" if hop < 5 else "/ok.png")
+                self.end_headers()
             elif self.path.startswith("/redirect"):
                 target = {"/redirect-ftp": "ftp://127.0.0.1/x.png", "/redirect-ok": "/ok.png"}[self.path]
                 self.send_response(302)
@@ -473,7 +479,7 @@ def hostile_server(red: Image.Image) -> Iterator[str]:
     server.server_close()
 
 
-@pytest.mark.parametrize("path", ["/trickle-body.png", "/trickle-headers.png"])
+@pytest.mark.parametrize("path", ["/trickle-body.png", "/trickle-headers.png", "/slow-redirect-1"])
 def test_url_timeout_bounds_the_whole_transfer(hostile_server: str, path: str) -> None:
     start = time.monotonic()
     error = _load_in_thread(f"{hostile_server}{path}", seconds=10, index=4, timeout=1.0)
