@@ -412,3 +412,18 @@ def test_damaged_preprocessor_config_names_the_file(tiny_checkpoint, tmp_path, c
     (ckpt / "preprocessor_config.json").write_text(content)
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(ckpt / 'preprocessor_config.json'))}: {message}$"):
         Encoder.from_pretrained(ckpt, device="cpu")
+
+
+def test_shard_the_os_refuses_to_open_names_the_file(tiny_checkpoint, tmp_path, monkeypatch):
+    # The same as the test above where it cannot run (as root every file is readable): the OS's refusal is simulated
+    # at the one call that opens shards.
+    import mmembed_rag.modeling.checkpoint as checkpoint
+
+    def refuse(path: str, framework: str):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(checkpoint, "safe_open", refuse)
+    shard = sorted(tiny_checkpoint.glob("model-*.safetensors"))[0]
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(shard))}: unreadable safetensors shard "
+                                              rf"\(\[Errno 13\] Permission denied: '{re.escape(str(shard))}'\)$"):
+        load_model(tiny_checkpoint)
