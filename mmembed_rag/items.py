@@ -102,7 +102,7 @@ def check_text(value: str | None, field: str) -> None:
     Raises:
         InvalidItemError: ``value`` contains a lone surrogate code point; the message gives its position.
     """
-    if value is None:
+    if value is None or value.isascii():  # isascii reads a flag of the string: free for the common case
         return
     try:
         value.encode("utf-8")
