@@ -10,7 +10,8 @@ import numbers
 from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
 
-__all__ = ["ENCODER_OPTIONS", "RERANKER_OPTIONS", "LoadOptions", "load_options", "check_load_only", "Shared"]
+__all__ = ["ENCODER_OPTIONS", "RERANKER_OPTIONS", "LoadOptions", "adapter_options", "load_options", "check_load_only",
+           "Shared"]
 
 #: Keys of ``encoder_kwargs`` for an embedding adapter (``batch_size`` is per call, the rest are load options).
 ENCODER_OPTIONS = ("max_length", "image_workers", "max_image_pixels", "url_timeout", "batch_size")
@@ -83,6 +84,36 @@ def check_load_only(given: str, **options: Any) -> None:
         verb = "applies" if len(named) == 1 else "apply"
         raise ValueError(f"{' and '.join(named)} {verb} only when loading; with {given}=..., set "
                          f"{'it' if len(named) == 1 else 'them'} when loading the {given} instead")
+
+
+def adapter_options(encoder_kwargs: Mapping[str, Any] | None, *, batch_size: int, batch_size_given: bool,
+                    loaded: Any = None, what: str = "encoder", device: str | None = None, dtype: str | None = None,
+                    allowed: tuple[str, ...] = ENCODER_OPTIONS, batch_field: str = "batch_size") -> LoadOptions:
+    """An adapter's loading options, checked once for every adapter.
+
+    Args:
+        encoder_kwargs: the adapter's ``encoder_kwargs``.
+        batch_size: the adapter's own batch-size field.
+        batch_size_given: whether the caller set that field explicitly.
+        loaded: the already loaded model the caller passed, or ``None`` (the adapter loads it).
+        what: the argument that carries it (``"encoder"``, ``"reranker"``), for messages.
+        device, dtype: the adapter's loading fields.
+        allowed: the keys ``encoder_kwargs`` may have.
+        batch_field: the name of the batch-size field, for messages.
+
+    Returns:
+        ``load`` for ``from_pretrained`` and the ``batch_size`` to use (``encoder_kwargs``' when it has one).
+
+    Raises:
+        TypeError, ValueError: see :func:`load_options` and :func:`check_load_only`; both batch sizes given and
+            different.
+    """
+    options = load_options(encoder_kwargs, allowed)
+    if options.batch_size is not None and batch_size_given and batch_size != options.batch_size:
+        raise ValueError(f"{batch_field} and encoder_kwargs['batch_size'] differ; give it once")
+    if loaded is not None:
+        check_load_only(what, device=device, dtype=dtype, encoder_kwargs=options.load)
+    return LoadOptions(options.load, options.batch_size if options.batch_size is not None else batch_size)
 
 
 class Shared(Generic[T]):

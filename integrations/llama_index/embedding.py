@@ -12,7 +12,7 @@ from llama_index.core.embeddings.multi_modal_base import MultiModalEmbedding
 from llama_index.core.schema import BaseNode, ImageType
 
 from mmembed_rag.encoder import Encoder
-from mmembed_rag.options import Shared, check_load_only, load_options
+from mmembed_rag.options import Shared, adapter_options
 
 from ._common import image_source, node_item, query_item
 
@@ -48,15 +48,12 @@ class MMEmbedEmbedding(MultiModalEmbedding):
 
     def __init__(self, model_name: str = "nvidia/MM-Embed", encoder: Encoder | None = None, **kwargs: Any) -> None:
         super().__init__(model_name=model_name, **kwargs)
-        options = load_options(self.encoder_kwargs)
-        if options.batch_size is not None:
-            if "embed_batch_size" in kwargs and kwargs["embed_batch_size"] != options.batch_size:
-                raise ValueError("embed_batch_size and encoder_kwargs['batch_size'] differ; give it once")
-            self.embed_batch_size = options.batch_size
+        options = adapter_options(self.encoder_kwargs, batch_size=self.embed_batch_size, batch_field="embed_batch_size",
+                                  batch_size_given="embed_batch_size" in kwargs, loaded=encoder,
+                                  device=self.device, dtype=self.dtype)
+        self.embed_batch_size = options.batch_size
         if encoder is None:
             encoder = Encoder.from_pretrained(model_name, device=self.device, dtype=self.dtype, **options.load)
-        else:
-            check_load_only("encoder", device=self.device, dtype=self.dtype, encoder_kwargs=options.load)
         self._encoder = Shared(encoder)
         self.device, self.dtype = str(encoder.device), str(encoder.dtype).removeprefix("torch.")
 

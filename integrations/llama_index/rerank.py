@@ -11,7 +11,7 @@ from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from mmembed_rag.errors import InvalidItemError
 from mmembed_rag.items import MultimodalItem
-from mmembed_rag.options import RERANKER_OPTIONS, Shared, check_load_only, load_options
+from mmembed_rag.options import RERANKER_OPTIONS, Shared, adapter_options
 from mmembed_rag.rerank_templates import RerankTemplate, get_template
 from mmembed_rag.reranker import MLLMReranker, combine_ranked
 
@@ -76,15 +76,12 @@ class MMEmbedRerank(BaseNodePostprocessor):
         super().__init__(model=str(model), **kwargs)
         if self.template is not None:
             get_template(self.template)  # a mistyped name fails now, not at the first query
-        options = load_options(self.encoder_kwargs, RERANKER_OPTIONS)
-        if options.batch_size is not None:
-            if "batch_size" in kwargs and kwargs["batch_size"] != options.batch_size:
-                raise ValueError("batch_size and encoder_kwargs['batch_size'] differ; give it once")
-            self.batch_size = options.batch_size
+        options = adapter_options(self.encoder_kwargs, allowed=RERANKER_OPTIONS, batch_size=self.batch_size,
+                                  batch_size_given="batch_size" in kwargs, loaded=reranker, what="reranker",
+                                  device=self.device, dtype=self.dtype)
+        self.batch_size = options.batch_size
         if reranker is None:
             reranker = MLLMReranker.from_pretrained(self.model, device=self.device, dtype=self.dtype, **options.load)
-        else:
-            check_load_only("reranker", device=self.device, dtype=self.dtype, encoder_kwargs=options.load)
         self._reranker = Shared(reranker)
 
     @classmethod
