@@ -192,3 +192,11 @@ def test_cli_reads_the_token_from_the_environment_only(capture, capsys, monkeypa
     code, _, err = run_cli(capsys, *base, "--ssl", "search", "bus")  # the capture server speaks plain HTTP
     assert code == 2 and "\nerror: cannot reach a Chroma server at 127.0.0.1:" in err and "(https)" in err
     assert TOKEN not in err  # not in the message, nor in the -v traceback
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_an_input_error(capsys, tmp_path, tiny_checkpoint):
+    (tmp_path / "note.txt").write_text("text")
+    code, _, err = run_cli(capsys, "--model", tiny_checkpoint, "--device", "cuda", "index", tmp_path / "note.txt",
+                           "--persist-dir", tmp_path / "db")
+    assert code == 2 and "no CUDA device" in err

@@ -14,7 +14,8 @@ Upstream ``langchain_chroma.Chroma`` behaviour worth knowing (not changed here):
   one, before anything is embedded), stores the file's base64 as the document's ``page_content``, then calls
   :meth:`MMEmbedEmbeddings.embed_image` with the same uris and upserts everything in one call, so more than
   ``client.get_max_batch_size()`` images (5461 with chromadb 1.5) in one call fail, after all are embedded.
-  :meth:`MMEmbedRetriever.add_images` also records each uri under ``metadata["image"]``.
+  :meth:`MMEmbedRetriever.add_images` writes in chunks under that limit (removing what it added if a chunk
+  fails) and records each uri under ``metadata["image"]`` and ``metadata["modality"] = "image"``.
 * ``Chroma.similarity_search_by_image(uri)`` embeds the query image with ``embed_image``, i.e. as a
   document (no ``Query:`` prompt, no instruction). For instructed image queries use :class:`MMEmbedRetriever`.
 * A collection's default space is *squared* L2; upstream's relevance function assumes plain L2, so

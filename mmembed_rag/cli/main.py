@@ -30,7 +30,8 @@ _VALUE_OPTIONS = {"--model", "--device", "--dtype", "--persist-dir", "--collecti
 _INPUT_ERRORS = (UsageError, InvalidItemError, ImageLoadError, UnknownTaskError, ModelNotFoundError,
                  CheckpointError)
 # Also input errors, from modules that import heavy extras: recognised by name so they need not be imported.
-_INPUT_ERROR_NAMES = {"StoreError", "DimensionMismatchError", "EmbeddingFunctionConfigError", "TemplateError"}
+_INPUT_ERROR_NAMES = {"StoreError", "DimensionMismatchError", "EmbeddingFunctionConfigError", "TemplateError",
+                      "DeviceError", "UnknownModalityError"}
 
 
 class _Parser(argparse.ArgumentParser):
