@@ -284,3 +284,45 @@ def test_concurrent_adds_from_threads_each_stay_whole(tiny_checkpoint):
 def test_encoder_stand_in_matches_the_real_encoders_contract(tiny_encoder: Encoder):
     vectors = SlowEncoder(dim=tiny_encoder.dim).encode_documents(["a", "b"])
     assert vectors.shape == tiny_encoder.encode_documents(["a", "b"]).shape
+
+
+# ------------------------------------------------------------------------------------ modality index
+
+
+def test_the_modality_index_answers_filtered_searches_like_the_filter(tiny_checkpoint, tiny_encoder, image, tmp_path):
+    other = tmp_path / "blue.png"
+    Image.new("RGB", (30, 30), (20, 40, 220)).save(other)
+    items = ["a red bus", "a blue tram", {"img": str(image)}, {"img": str(other)},
+             {"txt": "a red square", "img": str(image)}, "a green field"]
+    name = f"mi-{uuid.uuid4().hex[:8]}"
+    plain = _open(tiny_checkpoint, tiny_encoder, persist_dir=tmp_path / "db", collection=name + "-plain")
+    indexed = _open(tiny_checkpoint, tiny_encoder, persist_dir=tmp_path / "db", collection=name, modality_index=True)
+    plain.add(items, metadatas=[{"n": i} for i in range(6)])
+    indexed.add(items, metadatas=[{"n": i} for i in range(6)])
+    shadow = {m: indexed.client.get_collection(f"{name}.{m.replace(',', '-')}").count()
+              for m in ("text", "image", "image,text")}
+    assert shadow == {"text": 3, "image": 2, "image,text": 1} and indexed.count() == 6
+    for modality, where in (("image", None), (["text", "image,text"], None), ("text", {"n": {"$gte": 1}})):
+        want = plain.search("a red picture", modality=modality, where=where, k=4)
+        got = indexed.search("a red picture", modality=modality, where=where, k=4)
+        assert [h.id for h in got] == [h.id for h in want]
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+    calls = []
+    query = indexed.collection.query
+    indexed.collection.query = lambda **kw: (calls.append(kw), query(**kw))[1]
+    indexed.search("x", modality="image")
+    assert calls == []  # a filtered search never filters the main collection
+    assert len(indexed.search("x", k=10)) == 6 and len(calls) == 1  # unfiltered: the one main collection
+    # deletes, updates and rolled-back adds keep the shadows in step
+    indexed.delete(modality="image")
+    indexed.update([indexed.get(indexed.add(["a blue tram"]))[0].id], metadatas=[{"n": 42}])
+    with pytest.raises(ImageLoadError):
+        indexed.add(["fresh text", {"img": str(tmp_path / "gone.png")}], chunk_size=1)
+    counts = {m: indexed.client.get_collection(f"{name}.{m.replace(',', '-')}").count()
+              for m in ("text", "image", "image,text")}
+    assert counts == {"text": 3, "image": 0, "image,text": 1} and indexed.count() == 4
+    assert indexed.search("tram", modality="text", where={"n": 42}, k=1)[0].item.text == "a blue tram"
+    # a reopened index that disagrees with the main collection (written by plain Chroma) is rebuilt
+    indexed.collection.delete(ids=[indexed.search("field", modality="text", k=1)[0].id])
+    again = _open(tiny_checkpoint, tiny_encoder, persist_dir=tmp_path / "db", collection=name, modality_index=True)
+    assert len(again.search("x", modality="text", k=10)) == 2

@@ -26,6 +26,7 @@ from mmembed_rag.similarity import collection_space, cosine_from_distance
 from .connection import make_client
 from .embedding_function import MMEmbedEmbeddingFunction
 from .errors import DimensionMismatchError, ModelMismatchError, StoreError
+from .modality_index import ModalityIndex
 from .records import (
     IMAGE_URI_KEY,
     MODALITY_KEY,
@@ -84,6 +85,10 @@ class MultimodalCollection:
             ``max_image_pixels``, ``url_timeout``, ``batch_size``); recorded with the collection.
         allow_model_change: open a collection that was built with another model anyway. Vectors of two models
             live in different spaces even when their dimensions agree, so by default this is refused.
+        modality_index: also keep one shadow collection per modality (see :mod:`mmembed_rag.store.modality_index`),
+            so that ``modality=`` searches are plain HNSW queries instead of Chroma's metadata-filtered ones (about
+            150 ms over 100,000 4096-d records here); unfiltered searches still use the one main collection. Costs
+            twice the storage and write time.
 
     With neither ``persist_dir``, ``host``/``port`` nor ``client``, the database lives in memory.
 
@@ -105,7 +110,8 @@ class MultimodalCollection:
                  ssl: bool = False, headers: Mapping[str, str] | None = None, auth_token: str | None = None,
                  auth_header: str = "Authorization", instruction: str | None = None, batch_size: int = 8,
                  dtype: str | torch.dtype | None = None, device: str | None = None,
-                 encoder_kwargs: Mapping[str, Any] | None = None, allow_model_change: bool = False) -> None:
+                 encoder_kwargs: Mapping[str, Any] | None = None, allow_model_change: bool = False,
+                 modality_index: bool = False) -> None:
         self.client = make_client(client, persist_dir, host, port, ssl=ssl, headers=headers, auth_token=auth_token,
                                   auth_header=auth_header)
         self.embedding_function = MMEmbedEmbeddingFunction(model, encoder=encoder, dtype=dtype, device=device,
@@ -119,6 +125,8 @@ class MultimodalCollection:
             raise StoreError(f"cannot open Chroma collection {collection!r}: {exc}") from exc
         self._space = collection_space(self.collection.configuration_json, self.collection.metadata)
         self._dim: int | None = None
+        self._index = (ModalityIndex(self.client, self.collection, self.embedding_function, self.max_batch_size)
+                       if modality_index else None)
 
     def _refuse_other_model(self, name: str, allow: bool) -> None:
         try:
@@ -183,7 +191,8 @@ class MultimodalCollection:
             raise StoreError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self._check_dim(self.encoder.dim)
         size = min(self.max_batch_size, chunk_size or DEFAULT_CHUNK_SIZE)
-        return stream_add(self.collection, self.encoder, items, ids, metadatas, chunk_size=size,
+        target = self.collection if self._index is None else self._index
+        return stream_add(target, self.encoder, items, ids, metadatas, chunk_size=size,
                           batch_size=self.embedding_function.batch_size, show_progress=show_progress)
 
     def search(self, query: str | None = None, image: ImageSource | None = None, instruction: str | None = None,
@@ -226,14 +235,19 @@ class MultimodalCollection:
         vector = np.asarray(vector, dtype=np.float32)
         if vector.ndim != 1:
             raise StoreError(f"expected one query vector (1-D), got shape {vector.shape}")
-        where = combine_where(where, modality_filter(modality))
+        indexed = self._index is not None and modality is not None
+        where = combine_where(where, None if indexed else modality_filter(modality))
         stored = self._stored_dim()
         if stored is None:
             return []
         self._check_dim(vector.shape[0])
+        include = ["documents", "metadatas", "distances", "uris"]
         try:
-            found = self.collection.query(query_embeddings=[vector], n_results=k, where=where,
-                                          include=["documents", "metadatas", "distances", "uris"])
+            if indexed:  # the shadow collection(s) of these modalities: no metadata filter to evaluate
+                modality_filter(modality)  # an unknown name is a StoreError here too
+                found = self._index.query(vector, k, modality, where, include)
+            else:
+                found = self.collection.query(query_embeddings=[vector], n_results=k, where=where, include=include)
         except (ValueError, ChromaError) as exc:
             raise StoreError(f"Chroma refused the query (where={where!r}): {exc}") from exc
         ids, documents, metadatas = found["ids"][0], found["documents"][0], found["metadatas"][0]
@@ -281,8 +295,9 @@ class MultimodalCollection:
             except (ValueError, ChromaError) as exc:
                 raise StoreError(f"Chroma refused the filter (where={condition!r}): {exc}") from exc
         size = self.max_batch_size
+        target = self.collection if self._index is None else self._index
         for start in range(0, len(found), size):
-            self.collection.delete(ids=found[start:start + size])
+            target.delete(ids=found[start:start + size])
         return list(found)
 
     def update(self, ids: Sequence[str], *, metadatas: Sequence[Mapping[str, Any]]) -> None:
@@ -311,8 +326,9 @@ class MultimodalCollection:
             keep = {key: value for key, value in (stored[id_] or {}).items() if key in (MODALITY_KEY, IMAGE_URI_KEY)}
             merged.append(replacing(stored[id_], {**meta, **keep}))  # Chroma merges keys: drop the old ones
         size = self.max_batch_size
+        target = self.collection if self._index is None else self._index
         for start in range(0, len(ids), size):
-            self.collection.update(ids=ids[start:start + size], metadatas=merged[start:start + size])
+            target.update(ids=ids[start:start + size], metadatas=merged[start:start + size])
 
     def count(self) -> int:
         """Number of stored items."""
