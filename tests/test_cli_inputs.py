@@ -200,3 +200,22 @@ def test_a_device_this_machine_lacks_is_an_input_error(capsys, tmp_path, tiny_ch
     code, _, err = run_cli(capsys, "--model", tiny_checkpoint, "--device", "cuda", "index", tmp_path / "note.txt",
                            "--persist-dir", tmp_path / "db")
     assert code == 2 and "no CUDA device" in err
+
+
+def test_index_with_a_modality_index_serves_filtered_searches(capsys, tmp_path, tiny_checkpoint):
+    import json
+
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "note.txt").write_text("a red bus in London")
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "data" / "red.png")
+    db = tmp_path / "db"
+    code, _, err = run_cli(capsys, "--model", tiny_checkpoint, "--no-progress", "index", tmp_path / "data",
+                           "--persist-dir", db, "--modality-index")
+    assert code == 0, err
+    names = {c if isinstance(c, str) else c.name for c in chromadb.PersistentClient(path=str(db)).list_collections()}
+    assert {"mmembed", "mmembed.text", "mmembed.image", "mmembed.image-text"} <= names
+    code, out, err = run_cli(capsys, "--json", "--persist-dir", db, "search", "bus", "--modality", "image")
+    assert code == 0, err
+    assert [r["modality"] for r in json.loads(out)["results"]] == ["image"]

@@ -324,5 +324,7 @@ def test_the_modality_index_answers_filtered_searches_like_the_filter(tiny_check
     assert indexed.search("tram", modality="text", where={"n": 42}, k=1)[0].item.text == "a blue tram"
     # a reopened index that disagrees with the main collection (written by plain Chroma) is rebuilt
     indexed.collection.delete(ids=[indexed.search("field", modality="text", k=1)[0].id])
-    again = _open(tiny_checkpoint, tiny_encoder, persist_dir=tmp_path / "db", collection=name, modality_index=True)
-    assert len(again.search("x", modality="text", k=10)) == 2
+    again = _open(tiny_checkpoint, tiny_encoder, persist_dir=tmp_path / "db", collection=name)  # found, rebuilt
+    assert again.modality_index and len(again.search("x", modality="text", k=10)) == 2
+    reopened = _open(tiny_checkpoint, tiny_encoder, persist_dir=tmp_path / "db", collection=name + "-plain")
+    assert reopened.modality_index is False

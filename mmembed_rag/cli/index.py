@@ -56,6 +56,9 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8, help="items per forward pass")
     parser.add_argument("--chunk-size", type=positive_int, default=128,
                         help="items encoded and written together (the next chunk is encoded while one is written)")
+    parser.add_argument("--modality-index", action="store_true",
+                        help="also keep one shadow collection per modality, so that `search --modality` is a plain "
+                             "vector query (twice the storage; later runs and searches find it themselves)")
     parser.set_defaults(run=run)
 
 
@@ -137,7 +140,8 @@ def _open(args: argparse.Namespace, location: StoreLocation, shard: Shard) -> Mu
         name = resolve_model(model, client, args.collection)
         return MultimodalCollection(name, encoder=cached_encoder(name, args.dtype, device), client=client,
                                     collection=args.collection, dtype=args.dtype, device=device,
-                                    batch_size=args.batch_size, allow_model_change=args.allow_model_change)
+                                    batch_size=args.batch_size, allow_model_change=args.allow_model_change,
+                                    modality_index=True if args.modality_index else None)
 
     if shard.grouped:  # the first process creates the collection, the others open it
         collection = attempt() if shard.rank == 0 else None

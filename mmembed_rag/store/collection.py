@@ -26,7 +26,7 @@ from mmembed_rag.similarity import collection_space, cosine_from_distance
 from .connection import make_client
 from .embedding_function import MMEmbedEmbeddingFunction
 from .errors import DimensionMismatchError, ModelMismatchError, StoreError
-from .modality_index import ModalityIndex
+from .modality_index import ModalityIndex, has_modality_index
 from .records import (
     IMAGE_URI_KEY,
     MODALITY_KEY,
@@ -86,9 +86,9 @@ class MultimodalCollection:
         allow_model_change: open a collection that was built with another model anyway. Vectors of two models
             live in different spaces even when their dimensions agree, so by default this is refused.
         modality_index: also keep one shadow collection per modality (see :mod:`mmembed_rag.store.modality_index`),
-            so that ``modality=`` searches are plain HNSW queries instead of Chroma's metadata-filtered ones (about
-            150 ms over 100,000 4096-d records here); unfiltered searches still use the one main collection. Costs
-            twice the storage and write time.
+            so that ``modality=`` searches are plain HNSW queries instead of Chroma's metadata-filtered ones;
+            unfiltered searches still use the one main collection. Costs twice the storage and write time.
+            ``None`` (default): use it when the collection already has one.
 
     With neither ``persist_dir``, ``host``/``port`` nor ``client``, the database lives in memory.
 
@@ -111,7 +111,7 @@ class MultimodalCollection:
                  auth_header: str = "Authorization", instruction: str | None = None, batch_size: int = 8,
                  dtype: str | torch.dtype | None = None, device: str | None = None,
                  encoder_kwargs: Mapping[str, Any] | None = None, allow_model_change: bool = False,
-                 modality_index: bool = False) -> None:
+                 modality_index: bool | None = None) -> None:
         self.client = make_client(client, persist_dir, host, port, ssl=ssl, headers=headers, auth_token=auth_token,
                                   auth_header=auth_header)
         self.embedding_function = MMEmbedEmbeddingFunction(model, encoder=encoder, dtype=dtype, device=device,
@@ -125,6 +125,8 @@ class MultimodalCollection:
             raise StoreError(f"cannot open Chroma collection {collection!r}: {exc}") from exc
         self._space = collection_space(self.collection.configuration_json, self.collection.metadata)
         self._dim: int | None = None
+        if modality_index is None:
+            modality_index = has_modality_index(self.client, collection)
         self._index = (ModalityIndex(self.client, self.collection, self.embedding_function, self.max_batch_size)
                        if modality_index else None)
 
@@ -150,6 +152,11 @@ class MultimodalCollection:
     def encoder(self) -> Encoder:
         """The encoder (loaded on first use)."""
         return self.embedding_function.encoder
+
+    @property
+    def modality_index(self) -> bool:
+        """Whether ``modality=`` searches use the per-modality shadow collections."""
+        return self._index is not None
 
     @property
     def max_batch_size(self) -> int:

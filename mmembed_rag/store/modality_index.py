@@ -23,7 +23,7 @@ from mmembed_rag.modality import MODALITIES, MODALITY_KEY, modalities
 
 from .errors import StoreError
 
-__all__ = ["ModalityIndex"]
+__all__ = ["ModalityIndex", "has_modality_index", "shadow_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,15 @@ logger = logging.getLogger(__name__)
 def shadow_name(name: str, modality: str) -> str:
     """The shadow collection of ``modality`` for collection ``name`` (Chroma names allow no comma)."""
     return f"{name}.{modality.replace(',', '-')}"
+
+
+def has_modality_index(client: ClientAPI, name: str) -> bool:
+    """Whether collection ``name`` has shadow collections (it was opened with ``modality_index=True`` before)."""
+    try:
+        client.get_collection(shadow_name(name, MODALITIES[0]))
+    except (ValueError, ChromaError):  # NotFoundError
+        return False
+    return True
 
 
 class ModalityIndex:
