@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from pydantic import Field
 
 from mmembed_rag.errors import MissingDependencyError
 from mmembed_rag.images import ImageSource
+from mmembed_rag.ingest import pipelined_write
 from mmembed_rag.instructions import resolve_instruction
 from mmembed_rag.modality import IMAGE, MODALITY_KEY, TEXT, modality_where
 
@@ -26,8 +26,6 @@ from .embeddings import MMEmbedEmbeddings
 from .rerank import MMEmbedReranker
 
 __all__ = ["MMEmbedRetriever"]
-
-logger = logging.getLogger(__name__)
 
 
 class MMEmbedRetriever(BaseRetriever):
@@ -139,29 +137,31 @@ class MMEmbedRetriever(BaseRetriever):
 
     def _add(self, add: Any, values: list[str], metadatas: list[dict] | None, ids: list[str] | None,
              modality: str) -> list[str]:
+        """Chunks under the client's limit through the core's all-or-nothing loop (LangChain embeds inside ``add``)."""
         if not values:
             return []
         metadatas = [{**meta, MODALITY_KEY: modality} for meta in _padded(metadatas, len(values))]
         if ids is not None and len(ids) > len(values):
             raise ValueError(f"got {len(ids)} ids for {len(values)} items")
-        ids = [id_ if id_ is not None else str(uuid.uuid4())
+        ids = [str(uuid.uuid4()) if id_ is None else id_
                for id_ in list(ids or []) + [None] * (len(values) - len(ids or []))]
-        from mmembed_rag.store.connection import max_batch_size
+        from mmembed_rag.store.connection import max_batch_size  # chromadb: imported when writing, not before
 
         step = max_batch_size(self.vectorstore) or len(values)
         added: list[str] = []
-        try:
-            for start in range(0, len(values), step):
-                part_ids = ids[start:start + step]
-                existing = set(self.vectorstore.get(ids=part_ids, include=[])["ids"])
-                add(values[start:start + step], metadatas[start:start + step], part_ids)
-                added += [id_ for id_ in part_ids if id_ not in existing]
-        except Exception:
-            if added:
-                logger.warning("adding failed; removing the %d record(s) this call had added", len(added))
-                for start in range(0, len(added), step):
-                    self.vectorstore.delete(added[start:start + step])
-            raise
+
+        def write(part: range, _: None) -> None:
+            part_ids = ids[part.start:part.stop]
+            existing = set(self.vectorstore.get(ids=part_ids, include=[])["ids"])
+            add(values[part.start:part.stop], metadatas[part.start:part.stop], part_ids)
+            added.extend(id_ for id_ in part_ids if id_ not in existing)
+
+        def rollback() -> None:
+            for start in range(0, len(added), step):
+                self.vectorstore.delete(added[start:start + step])
+
+        chunks = (range(start, min(start + step, len(values))) for start in range(0, len(values), step))
+        pipelined_write(chunks, lambda part: None, write, rollback, overlap=False)
         return ids
 
     def _get_relevant_documents(self, query: str | None, *, run_manager: CallbackManagerForRetrieverRun,
