@@ -6,7 +6,8 @@ Which path to use:
   store holds them all. ``build_index(nodes, embed_model, vector_store)`` (or :func:`add_nodes` on an existing
   ``VectorStoreIndex``) embeds ``TextNode`` / ``Document`` as text and ``ImageNode`` / ``ImageDocument`` as its
   image (plus its text, if any, as one text+image item), then writes chunks no larger than Chroma's
-  ``client.get_max_batch_size()``; a failure rolls back what the call wrote. Query with :class:`MMEmbedRetriever`.
+  ``client.get_max_batch_size()``; a failure rolls back what the call wrote. Every stored node carries
+  ``metadata["modality"]``; query with :class:`MMEmbedRetriever` (``modality="image"`` filters in the store).
 * **Upstream two stores.** ``MultiModalVectorStoreIndex(nodes, storage_context=StorageContext.from_defaults(
   vector_store=text_store, image_store=image_store), embed_model=emb, image_embed_model=emb)`` works as documented
   upstream for small corpora, and :class:`MMEmbedRetriever` merges both stores by cosine. But it hands ALL text nodes
