@@ -14,8 +14,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import sys
 import tempfile
 import time
 import uuid
@@ -24,7 +24,10 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from mmembed_rag import Encoder
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit  # noqa: E402
+
+from mmembed_rag import Encoder  # noqa: E402
 from mmembed_rag.testing import make_tiny_checkpoint
 
 logger = logging.getLogger("langchain_ingest")
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--no-chunked", action="store_true", help="skip the chunked ingest after a failure")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the result JSON (date, machine) to PATH")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from mmembed_rag.integrations.langchain import MMEmbedEmbeddings
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "image_size": args.image_size, "batch_size": args.batch_size, "rows": rows,
               "largest_ingest_ok": max(survived) if survived else None,
               "smallest_ingest_failed": min((r["n"] for r in rows if not r["add_images_ok"]), default=None)}
-    print(json.dumps(result))
+    emit(result, args.json)
     return result
 
 

@@ -20,8 +20,8 @@ Prints a table, then one JSON line with every figure.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import sys
 import tempfile
 import time
 import uuid
@@ -36,7 +36,10 @@ from llama_index.core.schema import BaseNode, ImageNode, TextNode
 from llama_index.vector_stores.chroma import ChromaVectorStore
 from PIL import Image
 
-from mmembed_rag import Encoder
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit  # noqa: E402
+
+from mmembed_rag import Encoder  # noqa: E402
 from mmembed_rag.integrations.llama_index import MMEmbedEmbedding, build_index
 from mmembed_rag.testing import make_tiny_checkpoint
 
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3, help="alternating throughput runs per path (median kept)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5461, 5462, 10000])
     parser.add_argument("--quick", action="store_true", help="throughput on 256 nodes, capacity at 5,462 only")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the result JSON (date, machine) to PATH")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.quick:
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "chroma_max_batch_size": client.get_max_batch_size(),
                "throughput_ratio_ours_over_upstream": round(ratio, 3) if ratio else None,
                "largest_ok": largest, "throughput": throughput, "capacity": capacity}
-    print(json.dumps(summary))
+    emit(summary, args.json)
     return summary
 
 
