@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--persist-dir", type=Path, help="keep (and reuse) the built collection here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar while building")
     parser.add_argument("--layouts", action="store_true", help="also build and time the per-modality layout")
+    parser.add_argument("--collection", help="collection name in --persist-dir (default overhead-N-DIM); its first "
+                                             "--n records are used (a build that was stopped can be measured)")
     add_output_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -118,16 +120,18 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="search-overhead-") as tmp:
         persist = args.persist_dir or Path(tmp)
-        col = MultimodalCollection(MODEL, persist_dir=persist, collection=f"overhead-{n}-{args.dim}")
+        name = args.collection or f"overhead-{n}-{args.dim}"
+        col = MultimodalCollection(MODEL, persist_dir=persist, collection=name, modality_index=False)
         by_modality = None
         if args.layouts:
             by_modality = {m: col.client.get_or_create_collection(
-                f"overhead-{n}-{args.dim}-{m.replace(',', '-')}", configuration={"hnsw": {"space": "cosine"}})
+                f"{name}-{m.replace(',', '-')}", configuration={"hnsw": {"space": "cosine"}})
                 for m in MODALITIES}
         existing = col.count()
         build_s = fill(col, n, args.dim, progress=not args.no_progress, by_modality=by_modality)
-        if col.count() != n:
+        if col.count() < n:
             raise RuntimeError(f"collection holds {col.count()} vectors, expected {n}")
+        n = col.count()  # a stopped build may hold a chunk more than --n: that many are searched
         logger.info("collection of %d x %d ready (%d were already stored; built in %.0fs)", n, args.dim, existing,
                     build_s)
         queries = unit_vectors(np.random.default_rng(1), n_queries + 10, args.dim)
