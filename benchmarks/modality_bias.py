@@ -77,22 +77,26 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 def control(result: PipelineResult, show_progress: bool, split: str) -> dict[str, Any]:
     """Stage 2's training (same arguments, same start) with stage 1's random negatives instead of mined ones.
 
-    Separates what the hard negatives do from what 200 more steps do. Cached next to the pipeline's steps.
+    Separates what the hard negatives do from what 200 more steps do. Cached next to the pipeline's steps: the
+    model once, its evaluation per split.
     """
     first, second = result.stages["stage1"], result.stages["stage2"]
-    directory = result.workdir / f"control-{second.key}-{split}"
-    if (directory / "summary.json").is_file():
-        return json.loads((directory / "summary.json").read_text())
+    directory = result.workdir / f"control-{second.key}"
+    summary_file = directory / f"summary-{split}.json"
+    if summary_file.is_file():
+        return json.loads(summary_file.read_text())
     args = load_arguments(None, {**second.args, "output_dir": str(directory),  # model_path: stage 2's start
                                  "overwrite_output_dir": True, "show_progress": show_progress})
     wall, cpu = time.perf_counter(), time.process_time()
-    model_dir = train(args, *training_data(args, **{**first.data, "negatives": "auto"}))
+    model_dir = directory / "model"
+    if not (model_dir / "config.json").is_file():
+        model_dir = train(args, *training_data(args, **{**first.data, "negatives": "auto"}))
     encoder = Encoder.from_pretrained(model_dir, max_length=args.max_length)
     report = evaluate(encoder, load_benchmark(result.data_dir, split), *load_text_benchmark(result.data_dir, split),
                       ks=(1, 5, 10), batch_size=32, show_progress=None if show_progress else False)
     summary = {**stage_summary(report), "time": {"wall": round(time.perf_counter() - wall, 1),
                                                  "cpu": round(time.process_time() - cpu, 1)}}
-    (directory / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary_file.write_text(json.dumps(summary, indent=2))
     return summary
 
 
