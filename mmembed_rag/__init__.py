@@ -9,11 +9,14 @@ from __future__ import annotations
 from .encoder import Encoder
 from .errors import (
     CheckpointError,
+    DeviceError,
     ImageLoadError,
+    InvalidArgumentError,
     InvalidItemError,
     MissingDependencyError,
     MMEmbedError,
     ModelNotFoundError,
+    NumericalError,
 )
 from .instructions import TASK_INSTRUCTIONS, TaskInstruction, get_instruction
 from .items import MultimodalItem
@@ -38,6 +41,9 @@ __all__ = [
     "ModelNotFoundError",
     "CheckpointError",
     "MissingDependencyError",
+    "DeviceError",
+    "NumericalError",
+    "InvalidArgumentError",
     "__version__",
 ]
 

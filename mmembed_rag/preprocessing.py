@@ -6,7 +6,6 @@ normalise) without computing the high-resolution tiles MM-Embed never uses.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checkpoint_files import read_json_object
 from .errors import CheckpointError
 
 __all__ = ["GlobalViewProcessor"]
@@ -55,12 +55,7 @@ class GlobalViewProcessor:
         file = Path(path) / "preprocessor_config.json"
         if not file.is_file():
             return cls(size)
-        try:
-            cfg = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{file}: unreadable ({err})") from err
-        if not isinstance(cfg, dict):
-            raise CheckpointError(f"{file}: expected a JSON object, got {type(cfg).__name__}")
+        cfg = read_json_object(file, "no preprocessor_config.json")
         try:
             return cls(size, cfg.get("image_mean", CLIP_MEAN), cfg.get("image_std", CLIP_STD),
                        cfg.get("resample", Image.Resampling.BICUBIC), cfg.get("rescale_factor", 1 / 255))

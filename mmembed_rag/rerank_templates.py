@@ -24,7 +24,6 @@ right after the prompt -- ``" True"`` as a continuation (SentencePiece ``"▁Tru
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -33,8 +32,10 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from .checkpoint_files import read_json_object
 from .errors import MMEmbedError
 from .items import MultimodalItem
+from .modality import IMAGE, IMAGE_TEXT, TEXT, modality
 from .tokenization import Piece, PromptTokenizer
 
 __all__ = [
@@ -186,23 +187,17 @@ RERANK_TEMPLATES: dict[str, RerankTemplate] = {t.name: t for t in (
 )}
 
 _AUTO = {
-    ("text", "text"): "text_to_text",
-    ("text", "image"): "text_to_image",
-    ("image", "text"): "image_to_text",
-    ("text+image", "image"): "composed_image_retrieval",
-    ("text+image", "text"): "image_question_to_passage",
+    (TEXT, TEXT): "text_to_text",
+    (TEXT, IMAGE): "text_to_image",
+    (IMAGE, TEXT): "image_to_text",
+    (IMAGE_TEXT, IMAGE): "composed_image_retrieval",
+    (IMAGE_TEXT, TEXT): "image_question_to_passage",
 }
-
-
-def _modality(item: MultimodalItem) -> str:
-    if item.image is None:
-        return "text"
-    return "image" if item.text is None else "text+image"
 
 
 def select_template(query: MultimodalItem, candidate: MultimodalItem) -> RerankTemplate:
     """The built-in template for the pair's modalities ("generic" for pairs without a dedicated task)."""
-    return RERANK_TEMPLATES[_AUTO.get((_modality(query), _modality(candidate)), "generic")]
+    return RERANK_TEMPLATES[_AUTO.get((modality(query), modality(candidate)), "generic")]
 
 
 def get_template(template: str | RerankTemplate) -> RerankTemplate:
@@ -304,7 +299,7 @@ def chat_wrapper(tokenizer: PreTrainedTokenizerBase, path: Path) -> tuple[str, s
     for name in ("chat_template.json", "processor_config.json"):
         file = path / name
         if file.is_file():
-            value = json.loads(file.read_text()).get("chat_template")
+            value = read_json_object(file, f"no {name}").get("chat_template")
             sources += [value] if isinstance(value, str) else []
     for source in sources:
         for content in (_SENTINEL, [{"type": "text", "text": _SENTINEL}]):  # tokenizer, processor style

@@ -15,7 +15,6 @@ and one ``image_newline``), in both paths: at the released 336 px an image is 57
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, DynamicCache, LlavaNextForConditionalGeneration, PreTrainedTokenizerBase
 
 from .arguments import positive_int
+from .checkpoint_files import read_json_object
 from .devices import default_dtype, resolve_device, resolve_dtype
 from .errors import CheckpointError, ImageLoadError, InvalidItemError, NumericalError
 from .hub import resolve_checkpoint
@@ -477,10 +477,7 @@ def _convert(obj: Any, label: str, index: int) -> MultimodalItem:
 
 
 def _check_checkpoint(path: Path) -> None:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path}: no config.json")
-    raw = json.loads(config_file.read_text())
+    raw = read_json_object(path / "config.json", "no config.json")
     architectures = raw.get("architectures") or []
     if raw.get("model_type") != "llava_next" or (
             architectures and "LlavaNextForConditionalGeneration" not in architectures):

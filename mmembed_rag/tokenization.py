@@ -27,7 +27,7 @@ from typing import Any, Literal
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from .errors import CheckpointError
+from .checkpoint_files import read_json_object
 
 __all__ = ["PromptTokenizer", "Piece", "TOKENIZER_FILES"]
 
@@ -86,8 +86,9 @@ class PromptTokenizer:
             CheckpointError: no or an unreadable tokenizer.json / tokenizer_config.json.
         """
         path = Path(path)
-        spec = _read_json(path / "tokenizer.json")
-        config = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+        spec = read_json_object(path / "tokenizer.json", "no tokenizer.json; the checkpoint's tokenizer is needed")
+        config = read_json_object(path / "tokenizer_config.json", "no tokenizer_config.json") \
+            if (path / "tokenizer_config.json").is_file() else {}
         return cls(spec, _token(config.get("bos_token")), _token(config.get("eos_token")),
                    add_bos=bool(config.get("add_bos_token", True)), source=path)
 
@@ -185,18 +186,6 @@ class PromptTokenizer:
         if len(encoding.ids) <= max_tokens:
             return text, False
         return text[:encoding.offsets[max_tokens - 1][1]], True
-
-
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{file.parent}: no {file.name}; the checkpoint's tokenizer is needed") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{file}: unreadable ({err})") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _token(value: Any) -> str | None:

@@ -398,7 +398,7 @@ def test_unreadable_shard_names_the_file(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    ("{not json", r"unreadable \(Expecting property name enclosed in double quotes: .*\)"),
+    ("{not json", r"invalid JSON \(Expecting property name enclosed in double quotes: .*\)"),
     ("[0.5, 0.5, 0.5]", r"expected a JSON object, got list"),
     ('{"image_std": [0, 0, 0]}', r"image_std must be 3 finite numbers > 0 \(one per RGB channel\), got \[0, 0, 0\]"),
     ('{"image_std": [0.2, 0.2]}', r"image_std must be 3 finite numbers > 0 \(one per RGB channel\), got \[0.2, 0.2\]"),

@@ -410,3 +410,13 @@ def test_lone_surrogates_name_the_candidate(reranker):
         reranker.score("q", ["a", "b\ud800"])
     with pytest.raises(InvalidItemError, match=r"^query: text is not valid Unicode: lone surrogate '\\udcff'"):
         reranker.rerank("\udcff", ["a"])
+
+
+def test_a_config_that_is_not_an_object_names_the_file(reranker_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(reranker_dir, bad)
+    (bad / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config\.json: expected a JSON object, got list"):
+        MLLMReranker.from_pretrained(bad, device="cpu")

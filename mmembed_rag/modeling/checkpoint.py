@@ -22,6 +22,7 @@ from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..checkpoint_files import read_json_object
 from ..devices import resolve_device, resolve_dtype
 from ..errors import CheckpointError
 from .model import MMEmbedModel
@@ -49,16 +50,7 @@ def _to_release(key: str) -> str:
 def read_config(path: Path) -> dict[str, Any]:
     """Parse ``config.json`` (the raw dict, with MM-Embed's extra fields) and check it is a LLaVA-NeXT config."""
     file = path / "config.json"
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{path}: no config.json; not a checkpoint directory") from err
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{file}: invalid JSON ({err})") from err
-    except (OSError, UnicodeDecodeError) as err:  # permission denied, a directory, not UTF-8...
-        raise CheckpointError(f"{file}: unreadable ({err})") from err
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json_object(file, "no config.json; not a checkpoint directory")
     if raw.get("model_type") != "llava_next":
         raise CheckpointError(f"{file}: model_type is {raw.get('model_type')!r}, expected 'llava_next'")
     return raw
