@@ -145,7 +145,7 @@ def test_committed_without_outputs(path: Path) -> None:
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
 
 
-@pytest.mark.timeout(900)  # the first notebook test also trains the demo's models
+@pytest.mark.timeout(1500)  # the first notebook test also trains the demo's models (about 10 min)
 def test_llama_index_rag(run_notebook) -> None:
     nb = run_notebook("01_multimodal_rag_llama_index.ipynb")
     text = _text(nb)
@@ -161,7 +161,7 @@ def test_llama_index_rag(run_notebook) -> None:
     assert _images(nb) >= 3  # the corpus, the query image, image hits
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 def test_langchain_multimodal_qa(run_notebook) -> None:
     nb = run_notebook("02_langchain_multimodal_qa.ipynb")
     text = _text(nb)
@@ -175,7 +175,7 @@ def test_langchain_multimodal_qa(run_notebook) -> None:
     assert any(kind == "image" and ref.endswith(".png") for kind, ref in sources)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 def test_finetune_domain_variant(run_notebook) -> None:
     nb = run_notebook("03_finetune_domain_variant.ipynb")
     text = _text(nb)
