@@ -231,6 +231,18 @@ def test_bad_base64_data_uri() -> None:
         load_image("data:image/png;base64")
 
 
+def _serve(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A threaded local HTTP server for ``handler``, its base URL yielded, shut down afterwards."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def http_server(red: Image.Image) -> Iterator[str]:
     """A local HTTP server: /ok.png serves a PNG, /slow.png stalls, anything else is a 404."""
@@ -251,13 +263,7 @@ def http_server(red: Image.Image) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    yield from _serve(Handler)
 
 
 def test_url_fetch_ok_and_http_error(http_server: str) -> None:
@@ -470,13 +476,7 @@ def hostile_server(red: Image.Image) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    yield from _serve(Handler)
 
 
 @pytest.mark.parametrize("path", ["/trickle-body.png", "/trickle-headers.png", "/slow-redirect-1"])
