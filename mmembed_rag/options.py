@@ -7,11 +7,11 @@ the model itself, ``device``/``dtype``; the checks live here once.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
-__all__ = ["ENCODER_OPTIONS", "RERANKER_OPTIONS", "LoadOptions", "adapter_options", "load_options", "check_load_only",
-           "Shared"]
+__all__ = ["ENCODER_OPTIONS", "RERANKER_OPTIONS", "LoadOptions", "adapter_model", "adapter_options", "load_options",
+           "check_load_only", "Shared"]
 
 #: Keys of ``encoder_kwargs`` for an embedding adapter (``batch_size`` is per call, the rest are load options).
 ENCODER_OPTIONS = ("max_length", "image_workers", "max_image_pixels", "url_timeout", "batch_size")
@@ -114,6 +114,28 @@ def adapter_options(encoder_kwargs: Mapping[str, Any] | None, *, batch_size: int
     if loaded is not None:
         check_load_only(what, device=device, dtype=dtype, encoder_kwargs=options.load)
     return LoadOptions(options.load, options.batch_size if options.batch_size is not None else batch_size)
+
+
+def adapter_model(loader: Callable[..., T], name_or_path: Any, loaded: T | None,
+                  encoder_kwargs: Mapping[str, Any] | None, **checks: Any) -> tuple[Shared[T], int]:
+    """An adapter's model -- the one the caller passed, or ``loader(name_or_path, ...)`` with the checked options --
+    and the batch size to use.
+
+    Args:
+        loader: ``Encoder.from_pretrained`` or ``MLLMReranker.from_pretrained``.
+        name_or_path: what to load when ``loaded`` is ``None``.
+        loaded: the already loaded model the caller passed, or ``None``.
+        encoder_kwargs: the adapter's ``encoder_kwargs``.
+        **checks: :func:`adapter_options`' keyword arguments (``batch_size``, ``batch_size_given``, ``device``,
+            ``dtype``, ``what``, ``allowed``, ``batch_field``).
+
+    Raises:
+        TypeError, ValueError: see :func:`adapter_options`.
+    """
+    options = adapter_options(encoder_kwargs, loaded=loaded, **checks)
+    model = loaded if loaded is not None else loader(name_or_path, device=checks.get("device"),
+                                                     dtype=checks.get("dtype"), **options.load)
+    return Shared(model), options.batch_size
 
 
 class Shared(Generic[T]):

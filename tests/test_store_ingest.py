@@ -328,3 +328,34 @@ def test_the_modality_index_answers_filtered_searches_like_the_filter(tiny_check
     assert again.modality_index and len(again.search("x", modality="text", k=10)) == 2
     reopened = _open(tiny_checkpoint, tiny_encoder, persist_dir=tmp_path / "db", collection=name + "-plain")
     assert reopened.modality_index is False
+
+
+def test_a_read_racing_a_concurrent_segment_creation_is_retried_other_errors_are_not(monkeypatch):
+    """Two processes writing one new collection on a Chroma server: a read can meet the other's half-made segment."""
+    from chromadb.errors import InternalError
+
+    from mmembed_rag.store import writer
+
+    monkeypatch.setattr(writer.time, "sleep", lambda seconds: None)
+
+    class Racing:
+        name = "racing"
+
+        def __init__(self, failures: int, message: str) -> None:
+            self.failures, self.message, self.calls = failures, message, 0
+
+        def get(self, **query):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise InternalError(self.message)
+            return {"ids": query.get("ids", [])}
+
+    race = "Error executing plan: Internal error: Error creating hnsw segment reader: Nothing found on disk"
+    collection = Racing(3, race)
+    assert writer.read(collection, ids=["a"]) == {"ids": ["a"]} and collection.calls == 4
+    with pytest.raises(InternalError, match="Nothing found on disk"):
+        writer.read(Racing(100, race), ids=["a"])  # bounded
+    other = Racing(1, "Error executing plan: something else")
+    with pytest.raises(InternalError, match="something else"):
+        writer.read(other, ids=["a"])
+    assert other.calls == 1

@@ -14,7 +14,7 @@ from mmembed_rag.errors import InvalidItemError
 from mmembed_rag.images import ImageSource
 from mmembed_rag.instructions import resolve_instruction
 from mmembed_rag.items import to_item
-from mmembed_rag.options import Shared, adapter_options
+from mmembed_rag.options import Shared, adapter_model
 
 __all__ = ["MMEmbedEmbeddings"]
 
@@ -53,13 +53,9 @@ class MMEmbedEmbeddings(BaseModel, Embeddings):
     def __init__(self, *, encoder: Encoder | None = None, **data: Any) -> None:
         super().__init__(**data)
         resolve_instruction(self.query_instruction)  # fail now, before loading, on a mistyped catalog name
-        options = adapter_options(self.encoder_kwargs, batch_size=self.batch_size,
-                                  batch_size_given="batch_size" in data, loaded=encoder,
-                                  device=self.device, dtype=self.dtype)
-        self.batch_size = options.batch_size
-        if encoder is None:
-            encoder = Encoder.from_pretrained(self.model, device=self.device, dtype=self.dtype, **options.load)
-        self._encoder = Shared(encoder)
+        self._encoder, self.batch_size = adapter_model(
+            Encoder.from_pretrained, self.model, encoder, self.encoder_kwargs, batch_size=self.batch_size,
+            batch_size_given="batch_size" in data, device=self.device, dtype=self.dtype)
 
     @property
     def encoder(self) -> Encoder:

@@ -12,7 +12,7 @@ from llama_index.core.embeddings.multi_modal_base import MultiModalEmbedding
 from llama_index.core.schema import BaseNode, ImageType
 
 from mmembed_rag.encoder import Encoder
-from mmembed_rag.options import Shared, adapter_options
+from mmembed_rag.options import Shared, adapter_model
 
 from ._common import image_source, node_item, query_item
 
@@ -48,14 +48,12 @@ class MMEmbedEmbedding(MultiModalEmbedding):
 
     def __init__(self, model_name: str = "nvidia/MM-Embed", encoder: Encoder | None = None, **kwargs: Any) -> None:
         super().__init__(model_name=model_name, **kwargs)
-        options = adapter_options(self.encoder_kwargs, batch_size=self.embed_batch_size, batch_field="embed_batch_size",
-                                  batch_size_given="embed_batch_size" in kwargs, loaded=encoder,
-                                  device=self.device, dtype=self.dtype)
-        self.embed_batch_size = options.batch_size
-        if encoder is None:
-            encoder = Encoder.from_pretrained(model_name, device=self.device, dtype=self.dtype, **options.load)
-        self._encoder = Shared(encoder)
-        self.device, self.dtype = str(encoder.device), str(encoder.dtype).removeprefix("torch.")
+        self._encoder, self.embed_batch_size = adapter_model(
+            Encoder.from_pretrained, model_name, encoder, self.encoder_kwargs, batch_size=self.embed_batch_size,
+            batch_field="embed_batch_size", batch_size_given="embed_batch_size" in kwargs, device=self.device,
+            dtype=self.dtype)
+        loaded = self._encoder.value
+        self.device, self.dtype = str(loaded.device), str(loaded.dtype).removeprefix("torch.")
 
     @classmethod
     def class_name(cls) -> str:

@@ -11,7 +11,7 @@ from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from mmembed_rag.errors import InvalidItemError
 from mmembed_rag.items import MultimodalItem
-from mmembed_rag.options import RERANKER_OPTIONS, Shared, adapter_options
+from mmembed_rag.options import RERANKER_OPTIONS, Shared, adapter_model
 from mmembed_rag.rerank_templates import RerankTemplate, get_template
 from mmembed_rag.reranker import MLLMReranker, combine_ranked
 
@@ -76,13 +76,10 @@ class MMEmbedRerank(BaseNodePostprocessor):
         super().__init__(model=str(model), **kwargs)
         if self.template is not None:
             get_template(self.template)  # a mistyped name fails now, not at the first query
-        options = adapter_options(self.encoder_kwargs, allowed=RERANKER_OPTIONS, batch_size=self.batch_size,
-                                  batch_size_given="batch_size" in kwargs, loaded=reranker, what="reranker",
-                                  device=self.device, dtype=self.dtype)
-        self.batch_size = options.batch_size
-        if reranker is None:
-            reranker = MLLMReranker.from_pretrained(self.model, device=self.device, dtype=self.dtype, **options.load)
-        self._reranker = Shared(reranker)
+        self._reranker, self.batch_size = adapter_model(
+            MLLMReranker.from_pretrained, self.model, reranker, self.encoder_kwargs, allowed=RERANKER_OPTIONS,
+            batch_size=self.batch_size, batch_size_given="batch_size" in kwargs, what="reranker", device=self.device,
+            dtype=self.dtype)
 
     @classmethod
     def class_name(cls) -> str:

@@ -36,7 +36,7 @@ from .records import (
     modality_filter,
     user_metadata,
 )
-from .writer import replacing, stream_add
+from .writer import read, replacing, stream_add
 
 __all__ = ["MultimodalCollection", "SearchResult", "StoredItem"]
 
@@ -358,7 +358,7 @@ class MultimodalCollection:
 
     def _stored_dim(self) -> int | None:
         if self._dim is None:
-            sample = self.collection.get(limit=1, include=["embeddings"])
+            sample = read(self.collection, limit=1, include=["embeddings"])
             if sample["ids"]:
                 self._dim = len(sample["embeddings"][0])
         return self._dim

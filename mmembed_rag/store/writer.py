@@ -10,6 +10,7 @@ rows it overwrote are put back as they were, and rows it did not touch stay as t
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from mmembed_rag.items import MultimodalItem, to_item, to_items
 from .errors import StoreError
 from .records import IMAGE_URI_KEY, Record, build_record, content_id
 
-__all__ = ["replacing", "stream_add"]
+__all__ = ["read", "replacing", "stream_add"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,10 +154,32 @@ def _chunks(items: Iterable[Any], ids: Iterable[str] | None, metadatas: Iterable
         yield _Chunk([records[i] for i in keep], [chunk_items[i] for i in keep], [rows[i][0] for i in keep])
 
 
+#: A Chroma server reading a collection whose vector segment another process is creating fails with this
+#: transient message (seen with two processes writing one new collection); such a read is retried briefly.
+_SEGMENT_RACE = "Nothing found on disk"
+_READ_ATTEMPTS = 20
+
+
+def read(collection: Any, **query: Any) -> dict[str, Any]:
+    """``collection.get(**query)``, retried for a bounded time while a concurrent writer creates the segment."""
+    from chromadb.errors import InternalError
+
+    for attempt in range(_READ_ATTEMPTS):
+        try:
+            return collection.get(**query)
+        except InternalError as exc:
+            if _SEGMENT_RACE not in str(exc) or attempt == _READ_ATTEMPTS - 1:
+                raise
+            logger.info("collection %r: its vector segment is still being created by another writer; retrying",
+                        collection.name)
+            time.sleep(0.25)
+    raise AssertionError("unreachable")
+
+
 def _upsert(collection: Any, records: list[Record], vectors: np.ndarray, undo: _Undo) -> None:
     ids = [r.id for r in records]
     by_id = {r.id: r for r in records}
-    before = collection.get(ids=ids, include=["metadatas", "documents"])
+    before = read(collection, ids=ids, include=["metadatas", "documents"])
     changed = []
     for id_, document, metadata in zip(before["ids"], before["documents"], before["metadatas"]):
         if id_ in undo.created or id_ in undo.saved:
@@ -165,7 +188,7 @@ def _upsert(collection: Any, records: list[Record], vectors: np.ndarray, undo: _
         if document != new.document or dict(metadata or {}) != new.metadata or not _content_id(new):
             changed.append(id_)
     if changed:  # only rows whose stored state would change are saved (a re-run of the same data saves none)
-        old = collection.get(ids=changed, include=["embeddings", "documents", "metadatas"])
+        old = read(collection, ids=changed, include=["embeddings", "documents", "metadatas"])
         for id_, embedding, document, metadata in zip(old["ids"], old["embeddings"], old["documents"],
                                                       old["metadatas"]):
             undo.saved[id_] = (np.asarray(embedding, dtype=np.float32), document, metadata)
