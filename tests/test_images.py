@@ -231,6 +231,19 @@ def test_bad_base64_data_uri() -> None:
         load_image("data:image/png;base64")
 
 
+class _QuietHandler(http.server.BaseHTTPRequestHandler):
+    """A test server's handler: no request log, and one way to answer with an image."""
+
+    def send_png(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 def _serve(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
     """A threaded local HTTP server for ``handler``, its base URL yielded, shut down afterwards."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -248,20 +261,14 @@ def http_server(red: Image.Image) -> Iterator[str]:
     """A local HTTP server: /ok.png serves a PNG, /slow.png stalls, anything else is a 404."""
     body = png_bytes(red)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(_QuietHandler):
         def do_GET(self) -> None:  # noqa: N802 (stdlib naming)
             if self.path == "/slow.png":
                 time.sleep(3)
             if self.path in ("/ok.png", "/slow.png"):
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.send_png(body)
             else:
                 self.send_error(404)
-
-        def log_message(self, *args: object) -> None:
-            pass
 
     yield from _serve(Handler)
 
@@ -424,7 +431,7 @@ def hostile_server(red: Image.Image) -> Iterator[str]:
     """A local HTTP server that trickles its body or headers, lies about its size, or redirects elsewhere."""
     body = png_bytes(red)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(_QuietHandler):
         protocol_version = "HTTP/1.0"
 
         def do_GET(self) -> None:  # noqa: N802 (stdlib naming)
@@ -466,15 +473,9 @@ def hostile_server(red: Image.Image) -> Iterator[str]:
                 self.send_header("Location", target)
                 self.end_headers()
             elif self.path == "/ok.png":
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.send_png(body)
             else:
                 self.send_error(404)
-
-        def log_message(self, *args: object) -> None:
-            pass
 
     yield from _serve(Handler)
 
