@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mmembed_rag import Encoder
-from mmembed_rag.testing import make_tiny_checkpoint
+from mmembed_rag.testing import make_tiny_checkpoint, make_tiny_reranker
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "mmembed-tiny-reference"
@@ -53,6 +53,12 @@ def release_encoder() -> Encoder:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaVA-NeXT reranker checkpoint, built once and only read by the tests."""
+    return make_tiny_reranker(tmp_path_factory.mktemp("rerank") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ from mmembed_rag import Encoder
 from mmembed_rag.cli import delegate, main
 from mmembed_rag.cli.sources import item_from_json, split_passages
 from mmembed_rag.instructions import get_instruction
-from mmembed_rag.testing import make_tiny_reranker
 
 GUIDE = ["Buses in London are red and have two decks, a design that dates back many decades.",
          "The underground railway opened in 1863 and is the oldest metro system of the world.",
@@ -69,11 +68,6 @@ def indexed(corpus: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPa
                  "--max-chars", "120"])
     assert code == 0
     return db
-
-
-@pytest.fixture(scope="module")
-def reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_reranker(tmp_path_factory.mktemp("rerank") / "tiny", seed=0)
 
 
 # ------------------------------------------------------------------------------------------------ index

@@ -14,7 +14,6 @@ from PIL import Image
 from mmembed_rag import Encoder
 from mmembed_rag.modality import UnknownModalityError
 from mmembed_rag.reranker import MLLMReranker
-from mmembed_rag.testing import make_tiny_reranker
 
 pytest.importorskip("llama_index.core")
 chromadb = pytest.importorskip("chromadb")
@@ -40,11 +39,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 @pytest.fixture(scope="module")
 def embed(tiny_encoder: Encoder, tiny_checkpoint: Path) -> MMEmbedEmbedding:
     return MMEmbedEmbedding(model_name=str(tiny_checkpoint), encoder=tiny_encoder)
-
-
-@pytest.fixture(scope="module")
-def reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_reranker(tmp_path_factory.mktemp("rr") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from PIL import Image
 from mmembed_rag import Encoder, ImageLoadError, InvalidItemError
 from mmembed_rag.rerank_templates import TemplateError
 from mmembed_rag.reranker import MLLMReranker
-from mmembed_rag.testing import make_tiny_reranker
 
 pytest.importorskip("llama_index.core")
 
@@ -56,11 +55,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         image.save(folder / f"img{i}.png")
         paths.append(str(folder / f"img{i}.png"))
     return paths
-
-
-@pytest.fixture(scope="module")
-def reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_reranker(tmp_path_factory.mktemp("rr") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from mmembed_rag.rerank_templates import (
 )
 from mmembed_rag.reranker import MLLMReranker, combine_scores
 from mmembed_rag.results import RankedItem
-from mmembed_rag.testing import make_tiny_reranker
 
 RED = Image.new("RGB", (40, 30), (220, 20, 20))
 BLUE = Image.new("RGB", (64, 32), (20, 20, 220))
@@ -41,11 +40,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_reranker(tmp_path_factory.mktemp("rerank") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="module")
