@@ -108,7 +108,7 @@ def padding_ratio(lengths: list[int], groups: list[list[int]]) -> float:
 
 def padding_waste(encoder: Encoder, items: list[MultimodalItem], batch_size: int) -> tuple[float, float]:
     """(length-sorted, input-order) padding waste; the sorted groups are the encoder's own batches."""
-    prompts = [encoder.prompts.document(it.text, it.image is not None) for it in items]
+    prompts = [encoder.family.prompts.document(it.text, it.image is not None) for it in items]
     lengths = [encoder.token_count(p) for p in prompts]
     by_encoder = [b.positions for b in encoder.batches(items, prompts, batch_size)]
     in_order = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
@@ -151,7 +151,7 @@ def forward_only(encoder: Encoder, batches: list) -> None:
     """``encoder.model`` alone over pre-built batches."""
     with torch.inference_mode():
         for b in batches:
-            encoder.model(b.input_ids, b.attention_mask, b.pool_mask, b.pixel_values)
+            encoder.model(**b.inputs)
 
 
 def one_at_a_time(encoder: Encoder, items: list[MultimodalItem]) -> None:
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {params / 1e6:.1f}M parameters, float32, CPU, {torch.get_num_threads()} threads "
               f"(OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), {encoder.model.tokens_per_image} tokens per image")
         items = to_items(build_corpus(root / "timed", counts))
-        prompts = [encoder.prompts.document(it.text, it.image is not None) for it in items]
+        prompts = [encoder.family.prompts.document(it.text, it.image is not None) for it in items]
         batches, prep_s, _ = timed(lambda: list(encoder.batches(items, prompts, batch_size)))  # nothing overlapped
         tokens = sum(encoder.token_count(p) for p in prompts)
         kinds = {"text": counts[0] + counts[1], "image": counts[2], "text+image": counts[3]}

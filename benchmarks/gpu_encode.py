@@ -56,6 +56,7 @@ from _common import (  # noqa: E402
 )
 
 from mmembed_rag import Encoder  # noqa: E402
+from mmembed_rag.families.llava_next import MMEmbedFamily  # noqa: E402
 from mmembed_rag.items import MultimodalItem  # noqa: E402
 from mmembed_rag.modeling import profiles  # noqa: E402
 from mmembed_rag.modeling.model import MMEmbedModel  # noqa: E402
@@ -150,7 +151,7 @@ def make_items(encoder: Encoder, kind: str, count: int, seed: int = 0, text_toke
     for _ in range(count):
         words = random_text(rng, text_tokens).split()
         k = next((k for k in range(text_tokens // 4, len(words))
-                  if len(encoder.prompts.document(" ".join(words[:k]), False).ids) >= text_tokens), len(words))
+                  if len(encoder.family.prompts.document(" ".join(words[:k]), False).ids) >= text_tokens), len(words))
         items.append(MultimodalItem(text=" ".join(words[:k])))
     return items
 
@@ -164,19 +165,19 @@ def measure(encoder: Encoder, pooling: dict[str, int], items: list, batch_size: 
             peak: float | None) -> dict[str, Any]:
     """End-to-end and forward-only seconds, items/s and MFU for ``items`` at ``batch_size``."""
     model, device = encoder.model, encoder.device
-    prompts = [encoder.prompts.document(it.text, it.image is not None) for it in items]
+    prompts = [encoder.family.prompts.document(it.text, it.image is not None) for it in items]
     batches = [b.to(device) for b in encoder.batches(items, prompts, batch_size)]
-    images = [0 if b.pixel_values is None else b.pixel_values.shape[0] for b in batches]
-    flops = sum(forward_flops(model.config, pooling, b.attention_mask.sum(1).tolist(), m)
+    images = [0 if b.inputs["pixel_values"] is None else b.inputs["pixel_values"].shape[0] for b in batches]
+    flops = sum(forward_flops(model.config, pooling, b.inputs["attention_mask"].sum(1).tolist(), m)
                 for b, m in zip(batches, images))
     with torch.inference_mode():
         for _ in range(warmup):
-            model(batches[0].input_ids, batches[0].attention_mask, batches[0].pool_mask, batches[0].pixel_values)
+            model(**batches[0].inputs)
         encoder.encode_documents(items[:batch_size], batch_size=batch_size, show_progress=False)
         sync(device)
         start = time.perf_counter()
         for b in batches:
-            model(b.input_ids, b.attention_mask, b.pool_mask, b.pixel_values)
+            model(**b.inputs)
         sync(device)
         forward_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -194,12 +195,12 @@ def flop_checks(encoder: Encoder, pooling: dict[str, int], full: LlavaNextConfig
     rows = []
     for kind in ("text", "image"):
         items = make_items(encoder, kind, 2)
-        prompts = [encoder.prompts.document(it.text, it.image is not None) for it in items]
+        prompts = [encoder.family.prompts.document(it.text, it.image is not None) for it in items]
         b = next(iter(encoder.batches(items, prompts, 2)))
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math: counted as bmm
-            encoder.model(b.input_ids, b.attention_mask, b.pool_mask, b.pixel_values)
-        padded = [b.input_ids.shape[1]] * b.input_ids.shape[0]  # the counter sees padding too
-        expected = forward_flops(encoder.model.config, pooling, padded, 0 if b.pixel_values is None else 2)
+            encoder.model(**b.inputs)
+        padded = [b.inputs["input_ids"].shape[1]] * b.inputs["input_ids"].shape[0]  # the counter sees padding too
+        expected = forward_flops(encoder.model.config, pooling, padded, 0 if b.inputs["pixel_values"] is None else 2)
         got = counter.get_total_flops()
         rows.append([f"FLOPs, tiny model, 2 {kind} items", expected, got, abs(got - expected) <= 1e-6 * expected])
     for name, config, pool in (("tiny", encoder.model.config, pooling), ("full", full, SIZES["full"]["pooling"])):
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(config, sizes["pooling"], device, dtype)
     params = sum(p.numel() for p in model.parameters())
     logger.info("built: %.3fB parameters", params / 1e9)
-    encoder = Encoder(model, tokenizer, GlobalViewProcessor(336), max_length=512)
+    encoder = Encoder(MMEmbedFamily(model, tokenizer, GlobalViewProcessor(336), max_length=512))
 
     checks = flop_checks(encoder, sizes["pooling"], build_config(SIZES["full"], image_id)) if args.dry_run else []
     points = []

@@ -87,7 +87,7 @@ class ContrastiveCollator:
         truncated = sum(p.truncated for p in prompts)
         if truncated:
             logger.warning("%d item(s) in a training batch were truncated to max_length=%d",
-                           truncated, self.encoder.prompts.max_length)
+                           truncated, self.encoder.max_length)
         lengths = [self.encoder.token_count(p) for p in prompts]
         chunks = [self.encoder.collate(items, prompts, group) for group in plan_chunks(lengths, self.chunk_size)]
         return ContrastiveBatch(chunks, len(examples), len(items))

@@ -139,9 +139,8 @@ def export_model(model: MMEmbedModel, encoder: Encoder, output_dir: str | os.Pat
         for name in _CARRIED:  # before saving: save_pretrained updates preprocessor_config.json in place
             if (Path(base_model) / name).is_file():
                 shutil.copyfile(Path(base_model) / name, out / name)
-    saver = Encoder(merged, encoder.tokenizer, encoder.image_processor, max_length=encoder.prompts.max_length,
-                    prompt_tokenizer=encoder.prompts.tokens)  # tokenizer files copied verbatim
-    saver.raw_config = raw
+    saver = copy.copy(encoder.family)  # the family's layout and files (tokenizer copied verbatim), merged weights
+    saver.model, saver.raw_config = merged, raw
     saver.save_pretrained(out, max_shard_bytes=max_shard_bytes)
     write_model_card(out, str(base_model) if base_model is not None else None, metrics, training_args)
     logger.info("exported %s (%s) to %s", type(merged).__name__, raw["torch_dtype"], out)

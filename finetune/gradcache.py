@@ -45,7 +45,7 @@ class RandState:
 
 
 def _forward(model: nn.Module, chunk) -> torch.Tensor:
-    return model(chunk.input_ids, chunk.attention_mask, chunk.pool_mask, chunk.pixel_values)
+    return model(**chunk.inputs)
 
 
 def _restore_order(batch: ContrastiveBatch) -> torch.Tensor:
@@ -88,7 +88,7 @@ def cached_backward(model: nn.Module, batch: ContrastiveBatch, loss_fn: LossFn,
     parts: list[torch.Tensor] = []
     with torch.no_grad():
         for chunk in batch.chunks:
-            states.append(RandState(chunk.input_ids.device))
+            states.append(RandState(chunk.inputs["input_ids"].device))
             parts.append(_forward(model, chunk))
     order = _restore_order(batch).to(parts[0].device)
     emb = torch.cat(parts)[order].detach().requires_grad_()

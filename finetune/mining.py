@@ -140,7 +140,7 @@ def encode_pool(encoder: Encoder, dataset: MBEIRDataset, *, batch_size: int = 8,
     path = None
     if cache_dir is not None:
         # A probe prompt's ids capture the tokenizer, BOS/EOS handling and the image token.
-        settings = f"{encoder.prompts.max_length}|{encoder.prompts.document('probe', True).ids}|{encoder.dtype}"
+        settings = f"{encoder.family.settings_key()}|{encoder.dim}"
         key = hashlib.sha256(f"v1|{model_key or model_fingerprint(encoder.model)}|{settings}|"
                              f"{pool_fingerprint(dataset)}".encode()).hexdigest()[:40]
         path = Path(cache_dir) / f"pool-{key}.npy"

@@ -55,9 +55,9 @@ def test_queries_get_the_instruction_documents_never(tiny_encoder):
     plain = tiny_encoder.encode_queries(["a red square"])
     steered = tiny_encoder.encode_queries(["a red square"], instruction="Find a picture.")
     assert np.abs(plain - steered).max() > 1e-3
-    prompt = tiny_encoder.prompts.query("a red square", False, "Find a picture.")
+    prompt = tiny_encoder.family.prompts.query("a red square", False, "Find a picture.")
     assert tiny_encoder.tokenizer.decode(prompt.ids, skip_special_tokens=True).startswith("Instruct: Find a picture.")
-    doc = tiny_encoder.prompts.document("a red square", False)
+    doc = tiny_encoder.family.prompts.document("a red square", False)
     assert "Instruct" not in tiny_encoder.tokenizer.decode(doc.ids)
 
 
@@ -75,24 +75,24 @@ def test_item_instruction_overrides_the_default(tiny_encoder):
 
 
 def test_literal_image_tag_in_text_is_text(tiny_encoder, image_file):
-    prompt = tiny_encoder.prompts.document("look: <image> here", has_image=False)
+    prompt = tiny_encoder.family.prompts.document("look: <image> here", has_image=False)
     assert tiny_encoder.model.image_token_index not in prompt.ids
     as_text = tiny_encoder.encode_documents(["look: <image> here"])
     with_image = tiny_encoder.encode_documents([{"txt": "look: here", "img": str(image_file)}])
     assert np.isfinite(as_text).all()
     assert np.abs(as_text - with_image).max() > 1e-3
     # An instruction containing the tag is text as well.
-    query = tiny_encoder.prompts.query("x", False, "match <image> please")
+    query = tiny_encoder.family.prompts.query("x", False, "match <image> please")
     assert tiny_encoder.model.image_token_index not in query.ids
 
 
 def test_image_slot_is_expanded_to_the_global_view(tiny_encoder, image_file):
     items = [MultimodalItem(text="hi", image=str(image_file))]
-    prompts = [tiny_encoder.prompts.document("hi", True)]
+    prompts = [tiny_encoder.family.prompts.document("hi", True)]
     batch = next(tiny_encoder.batches(items, prompts, 1))
-    image_tokens = int((batch.input_ids == tiny_encoder.model.image_token_index).sum())
+    image_tokens = int((batch.inputs["input_ids"] == tiny_encoder.model.image_token_index).sum())
     assert image_tokens == (56 // 14) ** 2 + 1
-    assert batch.pixel_values.shape == (1, 3, 56, 56)
+    assert batch.inputs["pixel_values"].shape == (1, 3, 56, 56)
 
 
 def test_truncation_warns_and_keeps_working(tiny_checkpoint, caplog):
@@ -101,7 +101,7 @@ def test_truncation_warns_and_keeps_working(tiny_checkpoint, caplog):
         out = encoder.encode_documents(["short", "long " * 200])
     assert "truncated" in caplog.text and "item 1" in caplog.text
     assert out.shape == (2, encoder.dim)
-    assert len(encoder.prompts.document("long " * 200, False).ids) == 16
+    assert len(encoder.family.prompts.document("long " * 200, False).ids) == 16
 
 
 def test_progress_bar_can_be_shown_and_hidden(tiny_encoder, capsys):

@@ -11,7 +11,7 @@ from mmembed_rag.prompts import PromptBuilder
 
 @pytest.fixture(scope="module")
 def builder(reference_encoder) -> PromptBuilder:
-    return reference_encoder.prompts
+    return reference_encoder.family.prompts
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_instruction_mask_counts_bos_prefix_and_eos(builder, raw):
 
 
 def test_truncation_keeps_bos_and_eos(reference_encoder):
-    short = PromptBuilder(reference_encoder.prompts.tokens, 32000, max_length=8)
+    short = PromptBuilder(reference_encoder.family.prompts.tokens, 32000, max_length=8)
     prompt = short.document("word " * 50, False)
     assert len(prompt.ids) == 8 and prompt.ids[0] == 1 and prompt.ids[-1] == 2 and prompt.truncated
 
@@ -58,7 +58,7 @@ def test_truncation_keeps_bos_and_eos(reference_encoder):
 @pytest.mark.parametrize(("text", "image"), [("x", True), ("x", False), (None, True)])
 def test_instruction_that_leaves_no_room_for_the_query_is_refused(reference_encoder, text, image):
     # Before: the prompt was cut to the instruction alone (image dropped, masked_prefix == len(ids)): nothing to pool.
-    short = PromptBuilder(reference_encoder.prompts.tokens, 32000, max_length=8)
+    short = PromptBuilder(reference_encoder.family.prompts.tokens, 32000, max_length=8)
     with pytest.raises(InvalidItemError, match=r"^the instruction leaves no room for the query within max_length=8 "
                                                r"tokens \(instruction and prompt markup take \d+\); shorten the "
                                                r"instruction or raise max_length$"):
@@ -66,7 +66,7 @@ def test_instruction_that_leaves_no_room_for_the_query_is_refused(reference_enco
 
 
 def test_instruction_that_fits_keeps_whole_and_the_text_is_cut(reference_encoder, raw):
-    short = PromptBuilder(reference_encoder.prompts.tokens, 32000, max_length=64)
+    short = PromptBuilder(reference_encoder.family.prompts.tokens, 32000, max_length=64)
     prompt = short.query("word " * 50, True, "Find it.")
     head = [1] + _ids(raw, "Instruct: Find it.\nQuery: <image>\n")
     assert prompt.truncated and prompt.has_image and len(prompt.ids) == 64
@@ -76,4 +76,4 @@ def test_instruction_that_fits_keeps_whole_and_the_text_is_cut(reference_encoder
 
 def test_max_length_too_small(reference_encoder):
     with pytest.raises(ValueError, match="max_length=2 leaves no room"):
-        PromptBuilder(reference_encoder.prompts.tokens, 32000, max_length=2)
+        PromptBuilder(reference_encoder.family.prompts.tokens, 32000, max_length=2)

@@ -30,7 +30,8 @@ from .profiles import build_config, check_shapes, profile_for
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_model", "save_model", "read_config", "no_split_modules", "WEIGHTS_INDEX", "WEIGHTS_FILE"]
+__all__ = ["load_model", "save_model", "write_weights", "weight_files", "read_config", "no_split_modules",
+           "WEIGHTS_INDEX", "WEIGHTS_FILE"]
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -56,7 +57,7 @@ def read_config(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     index = path / WEIGHTS_INDEX
     if index.is_file():
         try:
@@ -149,7 +150,7 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
     raw = read_config(path)
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device) if device is not None else torch.device("cpu")
-    files = _weight_files(path)
+    files = weight_files(path)
     shapes, origin = _read_shapes(files)
     embed = shapes.get("language_model.embed_tokens.weight")
     if embed is None or len(embed) != 2:
@@ -232,10 +233,16 @@ def _placed(key: str, placement: dict[str, Any]) -> torch.device:
 def save_model(model: MMEmbedModel, path: str | os.PathLike, raw_config: dict[str, Any],
                max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None) -> None:
     """Write ``model`` in the released format: config.json, safetensors shards and their index."""
+    state = {_to_release(k): v for k, v in model.state_dict().items()}
+    write_weights(state, path, raw_config, max_shard_bytes, dtype)
+
+
+def write_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, raw_config: dict[str, Any],
+                  max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None) -> None:
+    """Write ``state`` (already in the released key names) as safetensors shards, their index and config.json."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {_to_release(k): v.detach().to(dtype or v.dtype).contiguous().cpu()
-             for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in state.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in sorted(state):

@@ -65,6 +65,9 @@ class MMEmbedModel(nn.Module):
                 module.register_buffer(attr, original.to(moved.device), persistent=False)
         return self
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
     @property
     def hidden_size(self) -> int:
         return self.config.text_config.hidden_size

@@ -102,8 +102,8 @@ def test_cached_twin_of_the_loss_on_a_toy_model() -> None:
     ids = torch.randint(1, 50, (14, 5))
     mask = torch.ones_like(ids)
     positions = list(torch.randperm(14).tolist())
-    chunks = [Batch(positions[i:i + 4], ids[positions[i:i + 4]], mask[positions[i:i + 4]],
-                    mask[positions[i:i + 4]], None) for i in range(0, 14, 4)]
+    chunks = [Batch(rows, {"input_ids": ids[rows], "attention_mask": mask[rows], "pool_mask": mask[rows]})
+              for rows in (positions[i:i + 4] for i in range(0, 14, 4))]
     batch = ContrastiveBatch(chunks, num_queries=4, num_items=14)
     loss_fn = InfoNCELoss(0.1)
 
