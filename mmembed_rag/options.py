@@ -14,7 +14,7 @@ __all__ = ["ENCODER_OPTIONS", "RERANKER_OPTIONS", "LoadOptions", "adapter_model"
            "check_load_only", "Shared"]
 
 #: Keys of ``encoder_kwargs`` for an embedding adapter (``batch_size`` is per call, the rest are load options).
-ENCODER_OPTIONS = ("max_length", "image_workers", "max_image_pixels", "url_timeout", "batch_size")
+ENCODER_OPTIONS = ("max_length", "image_workers", "max_image_pixels", "url_timeout", "dim", "batch_size")
 #: Keys of ``encoder_kwargs`` for a rerank adapter.
 RERANKER_OPTIONS = ("max_length", "max_image_pixels", "url_timeout", "batch_size")
 
