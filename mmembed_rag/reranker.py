@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,10 @@ from transformers import AutoTokenizer, DynamicCache, LlavaNextForConditionalGen
 from .arguments import positive_int
 from .checkpoint_files import read_json_object
 from .devices import default_dtype, resolve_device, resolve_dtype
-from .errors import CheckpointError, ImageLoadError, InvalidItemError, NumericalError
+from .errors import CheckpointError, ImageLoadError, InvalidArgumentError, InvalidItemError, NumericalError
 from .hub import resolve_checkpoint
 from .images import DEFAULT_MAX_PIXELS, load_image
-from .items import MultimodalItem, to_item
+from .items import MultimodalItem
 from .preprocessing import GlobalViewProcessor
 from .rerank_templates import (
     PLAIN_WRAPPER,
@@ -43,6 +43,7 @@ from .rerank_templates import (
     get_template,
     select_template,
 )
+from .reranker_base import Reranker
 from .results import RankedItem
 from .tokenization import PromptTokenizer
 
@@ -51,7 +52,7 @@ __all__ = ["MLLMReranker", "RerankTemplate", "TemplateError", "combine_ranked", 
 logger = logging.getLogger(__name__)
 
 
-class MLLMReranker:
+class MLLMReranker(Reranker):
     """Pointwise zero-shot reranker: an MLLM judges whether each candidate satisfies the query.
 
     Args:
@@ -105,9 +106,13 @@ class MLLMReranker:
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | None = None,
                         dtype: str | torch.dtype | None = None, device_map: str | dict | None = None,
                         template: str | RerankTemplate | None = None,
-                        max_length: int = 512, use_chat_template: bool = True, revision: str | None = None,
-                        local_files_only: bool = False, **kwargs: Any) -> MLLMReranker:
-        """Load a LLaVA-NeXT generative checkpoint (safetensors; no remote code is ever run).
+                        max_length: int | None = None, use_chat_template: bool = True, revision: str | None = None,
+                        local_files_only: bool = False, **kwargs: Any) -> Reranker:
+        """Load a reranker checkpoint (safetensors; no remote code is ever run); the family is read from config.json.
+
+        A LLaVA-NeXT generative checkpoint gives this class (P("True") of a templated prompt); a Qwen3-VL one
+        (Qwen3-VL-Reranker) gives :class:`~mmembed_rag.families.qwen3_vl.reranker.Qwen3VLReranker` (the official
+        yes/no score; ``instruction=`` per call), with the same ``score`` / ``rerank`` results.
 
         Args:
             name_or_path: hub id (e.g. ``"llava-hf/llava-v1.6-mistral-7b-hf"``) or a local directory.
@@ -116,7 +121,7 @@ class MLLMReranker:
             device_map: ``"auto"`` (or an explicit map) spreads the model over the visible GPUs; without it the
                 weights are read straight onto ``device``.
             template: see the class docstring.
-            max_length: tokens per user text.
+            max_length: LLaVA-NeXT: tokens per user text (default 512); Qwen3-VL: tokens per pair (default 10240).
             use_chat_template: wrap prompts in the checkpoint's chat template when it has one.
             revision, local_files_only: passed to the hub download.
             **kwargs: further constructor options (``answer_tokens``, ``chat_wrapper``, ``max_image_pixels``...).
@@ -126,10 +131,19 @@ class MLLMReranker:
             CheckpointError: not a LLaVA-NeXT generative checkpoint, no safetensors, or weights missing.
             DeviceError: an unsupported dtype, or CUDA asked for where there is none.
         """
+        path = resolve_checkpoint(name_or_path, revision=revision, local_files_only=local_files_only)
+        if read_json_object(path / "config.json", "no config.json").get("model_type") == "qwen3_vl":
+            from .families.qwen3_vl.reranker import Qwen3VLReranker
+
+            if template is not None or not use_chat_template:
+                raise InvalidArgumentError("template= and use_chat_template= are for LLaVA-NeXT rerankers; a "
+                                           "Qwen3-VL reranker uses the official prompt, steered by instruction=")
+            return Qwen3VLReranker.from_pretrained(path, device=device, dtype=dtype, device_map=device_map,
+                                                   max_length=10240 if max_length is None else max_length, **kwargs)
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, default=default_dtype(target))
-        path = resolve_checkpoint(name_or_path, revision=revision, local_files_only=local_files_only)
         _check_checkpoint(path)
+        max_length = 512 if max_length is None else max_length
         tokens = PromptTokenizer.from_checkpoint(path)
         model, info = LlavaNextForConditionalGeneration.from_pretrained(
             str(path), dtype=torch_dtype, use_safetensors=True, output_loading_info=True,
@@ -146,53 +160,6 @@ class MLLMReranker:
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
-
-    def score(self, query: Any, candidates: Iterable[Any], batch_size: int = 16, show_progress: bool | None = None,
-              template: str | RerankTemplate | None = None, use_cache: bool = True) -> np.ndarray:
-        """P("True") for each candidate given the query.
-
-        Args:
-            query: anything :func:`mmembed_rag.items.to_item` accepts (text, image, text+image).
-            candidates: a list of the same.
-            batch_size: candidates per forward pass (cached path).
-            show_progress: tqdm bar; default on for 256 candidates or more.
-            template: overrides the reranker's template for this call.
-            use_cache: share the query part's key/value cache (default); ``False`` runs the naive reference,
-                each pair as one full sequence, one pair at a time.
-
-        Returns:
-            float32 array (len(candidates),), in the given order.
-
-        Raises:
-            InvalidItemError: the query or a candidate (named by index) is invalid or does not fit the template.
-            ImageLoadError: an image cannot be loaded (the message names the candidate index or the query).
-            TemplateError: unknown template name.
-            InvalidArgumentError: ``batch_size`` is not an int >= 1.
-            NumericalError: the model produced NaN/inf scores (named by candidate index).
-        """
-        query_item, items = self._items(query, candidates)
-        return self._score(query_item, items, batch_size, show_progress, template, use_cache)
-
-    def rerank(self, query: Any, candidates: Iterable[Any], top_n: int | None = None, batch_size: int = 16,
-               show_progress: bool | None = None, template: str | RerankTemplate | None = None) -> list[RankedItem]:
-        """Candidates sorted by P("True"), best first (ties keep the given order).
-
-        Args:
-            query, candidates, batch_size, show_progress, template: as in :meth:`score`.
-            top_n: keep the best ``top_n`` (all when ``None`` or larger than the list).
-
-        Returns:
-            ``RankedItem(index, score, item)`` per kept candidate; ``index`` is its position in ``candidates``.
-
-        Raises:
-            ValueError: ``top_n`` < 1. Otherwise as :meth:`score`.
-        """
-        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
-            raise ValueError(f"top_n must be a positive int or None, got {top_n!r}")
-        query_item, items = self._items(query, candidates)
-        scores = self._score(query_item, items, batch_size, show_progress, template, use_cache=True)
-        order = sorted(range(len(items)), key=lambda i: (-scores[i], i))[:top_n]
-        return [RankedItem(index=i, score=float(scores[i]), item=items[i]) for i in order]
 
     def format_prompt(self, query: Any, candidate: Any, template: str | RerankTemplate | None = None) -> str:
         """The decoded prompt of one pair (each image slot shows its image tokens), to check a template."""
@@ -257,13 +224,6 @@ class MLLMReranker:
         return self.model.lm_head(last).float()[:, list(self.answer_ids)]
 
     # -- inputs -----------------------------------------------------------------------------------------
-
-    def _items(self, query: Any, candidates: Iterable[Any]) -> tuple[MultimodalItem, list[MultimodalItem]]:
-        query_item = _convert(query, "query", 0)
-        single = isinstance(candidates, (str, bytes, bytearray, Mapping, MultimodalItem))
-        if single or not isinstance(candidates, Iterable):
-            raise InvalidItemError(f"candidates must be a list of items, got a single {type(candidates).__name__}")
-        return query_item, [_convert(obj, "candidate", i) for i, obj in enumerate(candidates)]
 
     def _templates(self, query: MultimodalItem, items: list[MultimodalItem],
                    template: str | RerankTemplate | None) -> list[RerankTemplate]:
@@ -362,8 +322,12 @@ class MLLMReranker:
         return float(self._p_true(hidden[:, -1])[0])
 
     def _score(self, query: MultimodalItem, items: list[MultimodalItem], batch_size: int,
-               show_progress: bool | None, template: str | RerankTemplate | None, use_cache: bool) -> np.ndarray:
+               show_progress: bool | None, template: str | RerankTemplate | None, use_cache: bool,
+               instruction: str | None = None) -> np.ndarray:
         batch_size = positive_int(batch_size, "batch_size")
+        if instruction is not None:
+            raise InvalidArgumentError("instruction= is for Qwen3-VL rerankers; a LLaVA-NeXT reranker's prompt is "
+                                       "its template= (a built-in name or a RerankTemplate)")
         templates = self._templates(query, items, template)
         out = np.zeros(len(items), dtype=np.float32)
         if not items:
@@ -464,16 +428,6 @@ def combine_ranked(ranked: Sequence[RankedItem], retrieval: Sequence[float | Non
               for r in ranked]
     scored.sort(key=lambda pair: (-pair[1], pair[0].index))
     return scored[:top_n]
-
-
-def _convert(obj: Any, label: str, index: int) -> MultimodalItem:
-    """``to_item`` with errors naming the query or the candidate's index."""
-    try:
-        return to_item(obj, index)
-    except InvalidItemError as exc:
-        message = str(exc).removeprefix(f"item {index}: ")
-        name = "query" if label == "query" else f"candidate {index}"
-        raise InvalidItemError(f"{name}: {message}") from exc
 
 
 def _check_checkpoint(path: Path) -> None:

@@ -118,6 +118,11 @@ class PromptTokenizer:
         return None if token is None else self._first.token_to_id(token)
 
     @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the tokenizer's special tokens (those markup can contain)."""
+        return frozenset(self._special_ids.values())
+
+    @property
     def bos(self) -> list[int]:
         """``[BOS]`` when prompts start with it, else ``[]``."""
         return [self.bos_id] if self.add_bos else []

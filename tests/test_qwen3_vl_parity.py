@@ -90,3 +90,72 @@ def test_truncation_cuts_the_sequence_as_the_official_processor():
     np.testing.assert_array_equal(np.asarray(prompt.ids[:40]), expected["trunc_embedder_input_ids"].reshape(-1))
     out = encoder.encode_documents([text])
     assert np.abs(out - expected["trunc_embedder_embedding"].reshape(1, -1)).max() < TOL
+
+
+def _rerank_cases() -> list[tuple[MultimodalItem, list[MultimodalItem], str | None]]:
+    def item(entry: dict) -> MultimodalItem:
+        return MultimodalItem(text=entry.get("text"), image=str(ROOT / entry["image"]) if entry.get("image") else None)
+
+    entries = json.loads((ROOT / "inputs.json").read_text())["reranker"]
+    return [(item(e["query"]), [item(d) for d in e["documents"]], e.get("instruction")) for e in entries]
+
+
+@pytest.fixture(scope="module")
+def qwen_reranker():
+    from mmembed_rag import MLLMReranker
+
+    return MLLMReranker.from_pretrained(ROOT / "reranker", device="cpu", dtype="float32")
+
+
+def test_reranker_family_is_read_from_the_config(qwen_reranker):
+    from mmembed_rag.families.qwen3_vl.reranker import Qwen3VLReranker
+    from mmembed_rag.reranker_base import Reranker
+
+    assert isinstance(qwen_reranker, Qwen3VLReranker) and isinstance(qwen_reranker, Reranker)
+
+
+@pytest.mark.parametrize("use_cache, batch_size", [(False, 1), (True, 3), (True, 16)])
+def test_reranker_scores_match_the_official_reranker(qwen_reranker, use_cache, batch_size):
+    expected = _expected()
+    for number, (query, docs, instruction) in enumerate(_rerank_cases()):
+        logits = qwen_reranker.score_logits(query, docs, instruction=instruction, use_cache=use_cache,
+                                            batch_size=batch_size)
+        assert np.abs(logits - expected[f"rerank_logits_{number}"]).max() < TOL, number
+        scores = qwen_reranker.score(query, docs, instruction=instruction, use_cache=use_cache, batch_size=batch_size)
+        assert np.abs(scores - expected[f"rerank_scores_{number}"]).max() < TOL, number
+
+
+def test_reranker_prompt_ids_equal_the_official_ones(qwen_reranker):
+    expected = _expected()
+    query, docs, instruction = _rerank_cases()[1]
+    images = [qwen_reranker._image(query, "query")]
+    for d, doc in enumerate(docs):
+        own = images + ([qwen_reranker._image(doc, "c")] if doc.image is not None else [])
+        ids = qwen_reranker.tokens.encode(qwen_reranker.chat.render(
+            "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
+            'Note that the answer can only be "yes" or "no".', qwen_reranker._user(query, doc, instruction)))
+        full, _ = qwen_reranker._sequence(ids, [g for _, g in own])
+        np.testing.assert_array_equal(np.asarray(full), expected[f"rerank_input_ids_1_{d}"].reshape(-1))
+
+
+def test_reranker_truncation_keeps_specials_and_the_tail_as_the_official():
+    from mmembed_rag import MLLMReranker
+
+    spec = json.loads((ROOT / "inputs.json").read_text())["truncation"]
+    expected = _expected()
+    reranker = MLLMReranker.from_pretrained(ROOT / "reranker", device="cpu", dtype="float32",
+                                            max_length=spec["max_length"])
+    query = MultimodalItem(text=spec["reranker"]["query"]["text"])
+    docs = [MultimodalItem(text=d.get("text"), image=str(ROOT / d["image"]) if d.get("image") else None)
+            for d in spec["reranker"]["documents"]]
+    for use_cache in (False, True):
+        logits = reranker.score_logits(query, docs, use_cache=use_cache)
+        assert np.abs(logits - expected["trunc_rerank_logits"].reshape(-1)).max() < TOL
+
+
+def test_reranker_refuses_llava_options():
+    from mmembed_rag import MLLMReranker
+    from mmembed_rag.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="template= and use_chat_template= are for LLaVA-NeXT"):
+        MLLMReranker.from_pretrained(ROOT / "reranker", device="cpu", template="generic")
