@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mmembed_rag import Encoder
-from mmembed_rag.testing import make_tiny_checkpoint, make_tiny_reranker
+from mmembed_rag.testing import make_tiny_checkpoint, make_tiny_qwen3_vl, make_tiny_reranker
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "mmembed-tiny-reference"
@@ -51,14 +51,56 @@ def release_encoder() -> Encoder:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def llava_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
-def reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def llava_reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny LLaVA-NeXT reranker checkpoint, built once and only read by the tests."""
     return make_tiny_reranker(tmp_path_factory.mktemp("rerank") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3-VL-Embedding checkpoint in the released layout, only read by the tests."""
+    return make_tiny_qwen3_vl(tmp_path_factory.mktemp("qwen") / "embedding", kind="embedding", seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3-VL-Reranker checkpoint in the released layout, only read by the tests."""
+    return make_tiny_qwen3_vl(tmp_path_factory.mktemp("qwen-rerank") / "reranker", kind="reranker", seed=0)
+
+
+#: The model families that modules marked ``pytestmark = pytest.mark.both_families`` run every test over.
+FAMILIES = ("llava_next", "qwen3_vl")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "both_families: run each test once per model family (tiny checkpoint, "
+                                       "encoder and reranker of that family)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "family" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_families"):
+        metafunc.parametrize("family", FAMILIES, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def family(request: pytest.FixtureRequest) -> str:
+    """The model family of ``tiny_checkpoint`` / ``tiny_encoder`` / ``reranker_dir``: MM-Embed unless parametrized."""
+    return getattr(request, "param", "llava_next")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(family: str, request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue("llava_checkpoint" if family == "llava_next" else "qwen_checkpoint")
+
+
+@pytest.fixture(scope="session")
+def reranker_dir(family: str, request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue("llava_reranker_dir" if family == "llava_next" else "qwen_reranker_dir")
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,8 @@ from mmembed_rag.cli import delegate, main
 from mmembed_rag.cli.sources import item_from_json, split_passages
 from mmembed_rag.instructions import get_instruction
 
+pytestmark = pytest.mark.both_families  # every test runs once per model family
+
 GUIDE = ["Buses in London are red and have two decks, a design that dates back many decades.",
          "The underground railway opened in 1863 and is the oldest metro system of the world.",
          "Black cabs must pass a test of street knowledge that takes years to prepare for."]

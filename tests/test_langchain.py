@@ -24,6 +24,8 @@ from mmembed_rag import Encoder, ImageLoadError, InvalidItemError, MissingDepend
 from mmembed_rag.instructions import UnknownTaskError, get_instruction  # noqa: E402
 from mmembed_rag.integrations.langchain import MMEmbedEmbeddings, MMEmbedRetriever  # noqa: E402
 
+pytestmark = pytest.mark.both_families  # every test runs once per model family
+
 TEXTS = ["a red circle", "a green square on the left", "a blue star", "two yellow triangles"]
 INSTRUCTION = "mscoco_t2i"
 

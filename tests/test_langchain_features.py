@@ -25,6 +25,8 @@ from mmembed_rag.modality import UnknownModalityError  # noqa: E402
 from mmembed_rag.reranker import MLLMReranker  # noqa: E402
 from mmembed_rag.testing import make_tiny_reranker  # noqa: E402
 
+pytestmark = pytest.mark.both_families  # every test runs once per model family
+
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> list[str]:

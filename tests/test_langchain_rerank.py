@@ -30,6 +30,8 @@ from mmembed_rag.integrations.langchain import (  # noqa: E402
     MMEmbedRetriever,
 )
 
+pytestmark = pytest.mark.both_families  # every test runs once per model family
+
 TEXTS = ["a red circle", "a green square on the left", "photosynthesis stores light energy in glucose"]
 RETRIEVAL = [0.9, 0.2, 0.5, -0.1, 0.7, 0.3]  # retrieval cosines, deliberately unlike the rerank order
 

@@ -14,6 +14,8 @@ from langchain_tests.unit_tests import EmbeddingsUnitTests  # noqa: E402
 
 from mmembed_rag.integrations.langchain import MMEmbedEmbeddings  # noqa: E402
 
+pytestmark = pytest.mark.both_families  # every test runs once per model family
+
 
 @pytest.fixture(scope="class", autouse=True)
 def _checkpoint_on_class(request: pytest.FixtureRequest, tiny_checkpoint: Path) -> None:

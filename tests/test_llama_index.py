@@ -21,6 +21,8 @@ from PIL import Image
 from mmembed_rag import Encoder
 from mmembed_rag.errors import ImageLoadError, InvalidItemError, MissingDependencyError
 
+pytestmark = pytest.mark.both_families  # every test runs once per model family
+
 pytest.importorskip("llama_index.core")
 chromadb = pytest.importorskip("chromadb")
 pytest.importorskip("llama_index.vector_stores.chroma")

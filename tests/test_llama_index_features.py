@@ -15,6 +15,8 @@ from mmembed_rag import Encoder
 from mmembed_rag.modality import UnknownModalityError
 from mmembed_rag.reranker import MLLMReranker
 
+pytestmark = pytest.mark.both_families  # every test runs once per model family
+
 pytest.importorskip("llama_index.core")
 chromadb = pytest.importorskip("chromadb")
 pytest.importorskip("llama_index.vector_stores.chroma")

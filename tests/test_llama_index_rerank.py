@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from mmembed_rag import Encoder, ImageLoadError, InvalidItemError
+from mmembed_rag.errors import InvalidArgumentError
 from mmembed_rag.rerank_templates import TemplateError
 from mmembed_rag.reranker import MLLMReranker
 
@@ -30,6 +31,8 @@ from mmembed_rag.integrations.llama_index import (  # noqa: E402
     RerankedNode,
     build_index,
 )
+
+pytestmark = pytest.mark.both_families  # every test runs once per model family
 
 TEXTS = ["a red square", "a blue circle on the left", "photosynthesis stores light energy in glucose"]
 COLOURS = [(220, 20, 20), (20, 40, 220), (30, 200, 40)]
@@ -119,7 +122,7 @@ def test_image_and_composed_queries_reach_the_reranker(mllm: MLLMReranker, image
                   np.array([by_id["image"][i] for i in ids])).max() > 1e-3
 
 
-def test_top_n_empty_query_str_and_template(mllm: MLLMReranker, images: list[str]) -> None:
+def test_top_n_empty_query_str_and_template(mllm: MLLMReranker, images: list[str], family: str) -> None:
     hits, items = corpus(images)
     expected = mllm.rerank("a red square", items)
     ids = [hits[e.index].node.node_id for e in expected]
@@ -127,6 +130,16 @@ def test_top_n_empty_query_str_and_template(mllm: MLLMReranker, images: list[str
         hits, query_str="a red square")] == ids[:2]
     assert len(MMEmbedRerank(reranker=mllm, top_n=100).postprocess_nodes(hits, query_str="x")) == len(hits)
     assert MMEmbedRerank(reranker=mllm).postprocess_nodes([], QueryBundle("a red square")) == []
+    if family == "qwen3_vl":  # its prompt is the official one; the instruction steers it
+        with pytest.raises(InvalidArgumentError, match="template= is for LLaVA-NeXT rerankers"):
+            MMEmbedRerank(reranker=mllm, template="generic").postprocess_nodes(hits, query_str="red")
+        steered = MMEmbedRerank(reranker=mllm, top_n=10, instruction="Find the red one.").postprocess_nodes(
+            hits, query_str="red")
+        direct = mllm.score("red", items, instruction="Find the red one.")
+        np.testing.assert_allclose([r.score for r in steered], sorted(direct, reverse=True), atol=1e-6)
+        assert not np.allclose(mllm.score_logits("red", items, instruction="Find the red one."),
+                               mllm.score_logits("red", items), atol=1e-3)
+        return
     generic = MMEmbedRerank(reranker=mllm, top_n=10, template="generic").postprocess_nodes(hits, query_str="red")
     direct = mllm.score("red", items, template="generic")
     np.testing.assert_allclose([r.score for r in generic], sorted(direct, reverse=True), atol=1e-6)

@@ -41,6 +41,8 @@ from mmembed_rag.store import (
 )
 from mmembed_rag.testing import make_tiny_checkpoint
 
+pytestmark = pytest.mark.both_families  # every test runs once per model family
+
 COLOURS = [(220, 20, 20), (20, 160, 40), (30, 40, 220), (240, 220, 30), (20, 20, 20), (250, 250, 250)]
 TEXTS = ["a red square on the left", "photosynthesis converts light energy", "a blue circle in the center",
          "the election rally news", "a green triangle at the top"]

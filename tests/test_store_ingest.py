@@ -23,8 +23,18 @@ from mmembed_rag.store import (
     MultimodalCollection,
     StoreError,
     cached_encoder,
+    clear_encoder_cache,
 )
 from mmembed_rag.testing import make_tiny_checkpoint
+
+pytestmark = pytest.mark.both_families  # every test runs once per model family
+
+
+@pytest.fixture(autouse=True)
+def _forget_stand_in_encoders():
+    """A collection shares the encoder it was given with later loads by path: drop the stand-ins after each test."""
+    yield
+    clear_encoder_cache()
 
 
 @pytest.fixture(scope="module")

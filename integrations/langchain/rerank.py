@@ -18,6 +18,7 @@ from mmembed_rag.images import ImageSource
 from mmembed_rag.options import RERANKER_OPTIONS, Shared, adapter_model
 from mmembed_rag.rerank_templates import RerankTemplate, get_template
 from mmembed_rag.reranker import MLLMReranker, combine_ranked
+from mmembed_rag.reranker_base import Reranker
 
 from ._common import IMAGE_KEY, RELEVANCE_KEY, RERANK_KEY, SCORE_KEY
 
@@ -33,7 +34,7 @@ class MMEmbedReranker(BaseDocumentCompressor):
     Each Document becomes one candidate: its image is ``metadata["image"]`` (what :meth:`MMEmbedRetriever.add_images`
     records) or, failing that, the ``page_content`` itself when it is the base64 of an image file (what
     ``Chroma.add_images`` stores); its text is the ``page_content`` unless that is such base64.
-    :meth:`MLLMReranker.rerank` scores them; the best ``top_n`` come back as copies whose metadata gains
+    :meth:`Reranker.rerank` scores them; the best ``top_n`` come back as copies whose metadata gains
     ``"rerank_score"`` (P("True")) and ``"relevance_score"``, the final score:
 
     * ``combine=None`` (default): P("True");
@@ -44,7 +45,7 @@ class MMEmbedReranker(BaseDocumentCompressor):
     Ties keep the given order. ``callbacks`` is accepted and not used (the model call emits no events).
 
     Args:
-        reranker: an already loaded :class:`~mmembed_rag.reranker.MLLMReranker` to use instead of loading ``model``;
+        reranker: an already loaded reranker (``MLLMReranker.from_pretrained``) to use instead of loading ``model``;
             held privately and shared by copies (``model_copy(deep=True)`` does not copy the model).
         **data: the fields below.
 
@@ -58,7 +59,10 @@ class MMEmbedReranker(BaseDocumentCompressor):
     model: str | Path = Field(default="llava-hf/llava-v1.6-mistral-7b-hf",
                               description="Hub id or local checkpoint directory; ignored when `reranker` is given.")
     top_n: int = Field(default=5, ge=1, description="Documents kept (all when fewer).")
-    template: str | RerankTemplate | None = Field(default=None, description="Template name or RerankTemplate.")
+    template: str | RerankTemplate | None = Field(default=None, description="LLaVA-NeXT rerankers: template name "
+                                                  "or RerankTemplate.")
+    instruction: str | None = Field(default=None, description="Qwen3-VL rerankers: the task instruction; None: the "
+                                    "checkpoint family's default.")
     combine: Literal["multiply", "weighted"] | None = Field(default=None, description="See the class docstring.")
     weight: float = Field(default=0.5, ge=0.0, le=1.0, description='Weight of P("True") when combine="weighted".')
     batch_size: int = Field(default=16, ge=1, description="Candidates per forward pass.")
@@ -67,11 +71,11 @@ class MMEmbedReranker(BaseDocumentCompressor):
     encoder_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Reranker options: max_length, max_image_pixels, url_timeout (when "
         "loading `model`) and batch_size (same as the `batch_size` field).")
-    _reranker: Shared[MLLMReranker] = PrivateAttr()
+    _reranker: Shared[Reranker] = PrivateAttr()
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", protected_namespaces=())
 
-    def __init__(self, *, reranker: MLLMReranker | None = None, **data: Any) -> None:
+    def __init__(self, *, reranker: Reranker | None = None, **data: Any) -> None:
         super().__init__(**data)
         if self.template is not None:
             get_template(self.template)  # a mistyped name fails now, not at the first query
@@ -81,8 +85,8 @@ class MMEmbedReranker(BaseDocumentCompressor):
             dtype=self.dtype)
 
     @property
-    def reranker(self) -> MLLMReranker:
-        """The wrapped MLLMReranker (shared, never copied, by copies of this compressor)."""
+    def reranker(self) -> Reranker:
+        """The wrapped Reranker (shared, never copied, by copies of this compressor)."""
         return self._reranker.value
 
     def compress_documents(self, documents: Sequence[Document], query: str | None, callbacks: Callbacks | None = None,
@@ -108,7 +112,8 @@ class MMEmbedReranker(BaseDocumentCompressor):
         documents = list(documents)
         ranked = self.reranker.rerank({"text": query or None, "image": image},
                                       [_candidate(i, doc) for i, doc in enumerate(documents)],
-                                      batch_size=self.batch_size, template=self.template)
+                                      batch_size=self.batch_size, template=self.template,
+                                      instruction=self.instruction)
         kept = combine_ranked(ranked, [doc.metadata.get(SCORE_KEY) for doc in documents], self.combine, self.weight,
                               self.top_n, score_field=f"metadata[{SCORE_KEY!r}]")
         return [documents[r.index].model_copy(update={"metadata": {

@@ -14,6 +14,7 @@ from mmembed_rag.items import MultimodalItem
 from mmembed_rag.options import RERANKER_OPTIONS, Shared, adapter_model
 from mmembed_rag.rerank_templates import RerankTemplate, get_template
 from mmembed_rag.reranker import MLLMReranker, combine_ranked
+from mmembed_rag.reranker_base import Reranker
 
 from ._common import node_item, query_item
 
@@ -36,7 +37,7 @@ class MMEmbedRerank(BaseNodePostprocessor):
 
     Each node becomes one candidate as it does for embedding (text; ``ImageNode`` image from ``image``
     (base64), ``image_path`` or ``image_url``, plus its text when it has any); the query is the bundle's
-    ``query_str`` and ``image_path`` (both: a composed query). :meth:`MLLMReranker.rerank` scores them.
+    ``query_str`` and ``image_path`` (both: a composed query). :meth:`Reranker.rerank` scores them.
 
     Scores: ``combine=None`` (default): P("True"). ``"multiply"``: P("True") × the node's incoming score (with a
     negative incoming score the product favours low P("True"), so prefer ``"weighted"`` there).
@@ -45,8 +46,8 @@ class MMEmbedRerank(BaseNodePostprocessor):
     caller's node object (neither copied nor modified) with ``rerank_score`` and ``retrieval_score``.
 
     Args:
-        model: hub id or local directory of a LLaVA-NeXT generative checkpoint, loaded when ``reranker`` is not given.
-        reranker: an already loaded :class:`~mmembed_rag.reranker.MLLMReranker` (then leave ``device``, ``dtype`` and
+        model: hub id or local directory of a reranker (LLaVA-NeXT or Qwen3-VL), loaded when ``reranker`` is not given.
+        reranker: an already loaded reranker (``MLLMReranker.from_pretrained``) (then leave ``device``, ``dtype`` and
             the loading keys of ``encoder_kwargs`` unset).
         **kwargs: the fields below (``top_n``, ``template``, ``combine``, ``weight``, ``batch_size``,
             ``encoder_kwargs``...).
@@ -59,7 +60,10 @@ class MMEmbedRerank(BaseNodePostprocessor):
     model: str = Field(default="llava-hf/llava-v1.6-mistral-7b-hf", description="Hub id or local directory.")
     top_n: int = Field(default=5, ge=1, description="Nodes kept (all when fewer).")
     template: str | RerankTemplate | None = Field(
-        default=None, description="Built-in template name or RerankTemplate; None: the reranker's own choice.")
+        default=None, description="LLaVA-NeXT rerankers: built-in template name or RerankTemplate; None: the "
+        "reranker's own choice.")
+    instruction: str | None = Field(
+        default=None, description="Qwen3-VL rerankers: the task instruction; None: the checkpoint family's default.")
     combine: Literal["multiply", "weighted"] | None = Field(
         default=None, description="How to mix P(True) with the incoming score; None keeps P(True).")
     weight: float = Field(default=0.5, ge=0.0, le=1.0, description='Weight of P("True") when combine="weighted".')
@@ -69,10 +73,10 @@ class MMEmbedRerank(BaseNodePostprocessor):
     encoder_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Reranker options: max_length, max_image_pixels, url_timeout (when "
         "loading `model`) and batch_size (same as the `batch_size` field).")
-    _reranker: Shared[MLLMReranker] = PrivateAttr()
+    _reranker: Shared[Reranker] = PrivateAttr()
 
     def __init__(self, model: str | os.PathLike = "llava-hf/llava-v1.6-mistral-7b-hf",
-                 reranker: MLLMReranker | None = None, **kwargs: Any) -> None:
+                 reranker: Reranker | None = None, **kwargs: Any) -> None:
         super().__init__(model=str(model), **kwargs)
         if self.template is not None:
             get_template(self.template)  # a mistyped name fails now, not at the first query
@@ -86,8 +90,8 @@ class MMEmbedRerank(BaseNodePostprocessor):
         return "MMEmbedRerank"
 
     @property
-    def reranker(self) -> MLLMReranker:
-        """The wrapped MLLMReranker (shared, never copied, by copies of this postprocessor)."""
+    def reranker(self) -> Reranker:
+        """The wrapped Reranker (shared, never copied, by copies of this postprocessor)."""
         return self._reranker.value
 
     def _postprocess_nodes(self, nodes: list[NodeWithScore],
@@ -99,7 +103,8 @@ class MMEmbedRerank(BaseNodePostprocessor):
         nodes = list(nodes)
         query = query_item(query_bundle.query_str, query_bundle.image_path or None, query_bundle)
         ranked = self.reranker.rerank(query, [_candidate(i, hit) for i, hit in enumerate(nodes)],
-                                      batch_size=self.batch_size, template=self.template)
+                                      batch_size=self.batch_size, template=self.template,
+                                      instruction=self.instruction)
         kept = combine_ranked(ranked, [hit.score for hit in nodes], self.combine, self.weight, self.top_n)
         return [RerankedNode(node=nodes[r.index].node, rerank_score=r.score, retrieval_score=nodes[r.index].score,
                              score=score) for r, score in kept]
