@@ -37,7 +37,6 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from mmembed_rag.encoder import Encoder
-from mmembed_rag.modeling.model import MMEmbedModel
 
 from .arguments import ArgumentsError, RunArguments, TrainArguments, load_arguments
 from .collator import ContrastiveBatch, ContrastiveCollator
@@ -64,12 +63,13 @@ class ExampleSource(Protocol):
 
 
 def build_model(args: TrainArguments, device: torch.device | str | None = None,
-                frozen_dtype: torch.dtype = torch.float32) -> tuple[Encoder, MMEmbedModel]:
+                frozen_dtype: torch.dtype = torch.float32) -> tuple[Encoder, torch.nn.Module]:
     """Load ``args.model_path`` onto ``device`` and make the parameters ``args`` asks for trainable.
 
-    LoRA adapters wrap the language model (``model.language_model`` becomes a peft model whose
-    targets are ``args.lora.target_modules`` inside it); ``latent_attention_model`` stays trainable
-    with ``train_pooling``; ``full_finetune`` trains everything.
+    Works for either family (MM-Embed or Qwen3-VL-Embedding). LoRA adapters wrap the language model
+    (``model.language_model`` becomes a peft model whose targets are ``args.lora.target_modules`` inside it);
+    a pooling head with weights (MM-Embed's ``latent_attention_model``) stays trainable with ``train_pooling``;
+    ``full_finetune`` trains everything.
 
     Args:
         args: the run's settings.
@@ -100,8 +100,9 @@ def build_model(args: TrainArguments, device: torch.device | str | None = None,
         config = LoraConfig(r=args.lora.rank, lora_alpha=args.lora.alpha, lora_dropout=args.lora.dropout,
                             target_modules=list(args.lora.target_modules))
         model.language_model = get_peft_model(model.language_model, config)
-    if args.train_pooling:
-        model.latent_attention_model.requires_grad_(True)
+    pooling = getattr(model, "latent_attention_model", None)  # Qwen3-VL pools the last token: no weights
+    if args.train_pooling and pooling is not None:
+        pooling.requires_grad_(True)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:  # optimiser state and updates in float32
             param.data = param.data.float()

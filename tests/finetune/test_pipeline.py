@@ -97,3 +97,28 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path: Path, capsys: pytest
         cli(["pipeline"])  # --workdir missing: argparse's error, also one line
     assert exit_info.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_the_recipe_runs_on_a_qwen3_vl_base(tmp_path: Path) -> None:
+    """Training, mining, evaluation and export are backbone-independent: a Qwen3-VL-Embedding base goes through."""
+    import torch
+    from safetensors import safe_open
+
+    from mmembed_rag.testing import make_tiny_qwen3_vl
+
+    base = make_tiny_qwen3_vl(tmp_path / "base", dtype=torch.float32)
+    result = run_pipeline(tmp_path / "run", base_model=base, stage1=STEPS, stage2=STEPS, stage3=STEPS,
+                          benchmark=Benchmark(n_train=12, n_test=6), show_progress=False,
+                          mining=MiningOptions(top_k=10, c2_start=5, num_negatives=2))
+    assert set(result.stages) == {"stage1", "stage2", "stage3"} and result.mining["counts"]
+    final = Encoder.from_pretrained(result.final_model, device="cpu")
+    assert final.family.name == "qwen3_vl"
+    with safe_open(str(next(result.final_model.glob("*.safetensors"))), "pt") as handle:
+        keys = set(handle.keys())
+    with safe_open(str(base / "model.safetensors"), "pt") as handle:
+        assert keys == set(handle.keys())  # the released key names: LoRA merged, nothing renamed
+    texts = ["a red circle", "the glucose is stored in the plant"]
+    before = Encoder.from_pretrained(base, device="cpu").encode_documents(texts)
+    assert not np.allclose(final.encode_documents(texts), before, atol=1e-4)  # the adapters were trained and merged
+    stage3 = Encoder.from_pretrained(result.stages["stage3"].model_dir, device="cpu")
+    np.testing.assert_allclose(final.encode_documents(texts), stage3.encode_documents(texts), atol=1e-6)

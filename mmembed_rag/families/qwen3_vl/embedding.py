@@ -43,9 +43,11 @@ class Qwen3VLEmbeddingModel(nn.Module):
     def language_model(self) -> nn.Module:
         return self.model.language_model
 
-    @language_model.setter
-    def language_model(self, module: nn.Module) -> None:  # LoRA wraps it in place
-        self.model.language_model = module
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "language_model":  # LoRA wraps it where the backbone holds it (the released key names)
+            self.model.language_model = value
+            return
+        super().__setattr__(name, value)
 
     @property
     def vision_tower(self) -> nn.Module:
