@@ -1,8 +1,9 @@
-"""Command line: ``python -m mmembed_rag.finetune {synth,train,mine,eval,export,pipeline} ...``.
+"""Command line: ``python -m mmembed_rag.finetune {synth,build-base,train,mine,eval,export,pipeline} ...``.
 
 A thin front end over the package's functions::
 
     python -m mmembed_rag.finetune synth --out data
+    python -m mmembed_rag.finetune build-base --output base --generative llava-next --text-embedder nv-embed
     python -m mmembed_rag.finetune train --config finetune/recipes/stage1.yaml --model_path ckpt --output_dir run ...
     python -m mmembed_rag.finetune mine --model run/model --data data --output data/train_hardneg.jsonl
     python -m mmembed_rag.finetune eval --model run/model --data data --json report.json --markdown report.md
@@ -140,6 +141,21 @@ def _eval(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
+def _build_base(args: argparse.Namespace, _: list[str]) -> int:
+    from .build_base import build_base
+
+    pooling: Any = args.pooling
+    sizes = {k: v for k, v in (("num_latents", args.latents), ("heads", args.latent_heads)) if v is not None}
+    if sizes:
+        if pooling != "latent_attention":
+            raise ValueError("--latents and --latent-heads size a fresh head: add --pooling latent_attention")
+        pooling = sizes
+    out = build_base(args.output, generative=args.generative, text_embedder=args.text_embedder, pooling=pooling,
+                     seed=args.seed)
+    print(json.dumps({"output": str(out), **json.loads((out / "base_parts.json").read_text())}, indent=2))
+    return 0
+
+
 def _export(args: argparse.Namespace, _: list[str]) -> int:
     from .export import export_model
     from .pipeline import report_from_dict
@@ -243,6 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--distractors", type=float, default=1.0, help="extra candidates per local pool (x queries)")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_synth)
+
+    base = add("build-base", "build a bi-encoder base from a generative checkpoint (and an NV-Embed-format embedder)")
+    base.add_argument("--output", type=Path, required=True, help="new or empty directory")
+    base.add_argument("--generative", type=Path, required=True, help="LLaVA-NeXT or Qwen3-VL generative checkpoint")
+    base.add_argument("--text-embedder", type=Path, help="NV-Embed-format checkpoint (LLaVA-NeXT bases)")
+    base.add_argument("--pooling", choices=("latent_attention", "mean", "last_token"),
+                      help="a fresh pooling head (LLaVA-NeXT bases without --text-embedder)")
+    base.add_argument("--latents", type=int, help="with --pooling latent_attention: latents (default 512)")
+    base.add_argument("--latent-heads", type=int, help="with --pooling latent_attention: heads (default 8)")
+    base.add_argument("--seed", type=int, default=0, help="initialisation of a fresh pooling head")
+    base.set_defaults(func=_build_base)
 
     add("train", "contrastive training: --config RECIPE plus --key value overrides (see `train --help`)",
         add_help=False).set_defaults(func=_train)

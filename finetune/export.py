@@ -8,6 +8,7 @@ card (README.md) records the base model, the training arguments and an evaluatio
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
@@ -22,12 +23,15 @@ from mmembed_rag.devices import resolve_dtype
 from mmembed_rag.encoder import Encoder
 from mmembed_rag.modeling.model import MMEmbedModel
 
+from .build_base import BASE_PARTS_FILE, base_parts_section
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["merge_lora", "export_model", "write_model_card", "metrics_table"]
 
 # Files of the base checkpoint that the export carries over unchanged when present.
-_CARRIED = ("preprocessor_config.json", "processor_config.json", "instructions.json", "generation_config.json")
+_CARRIED = ("preprocessor_config.json", "processor_config.json", "instructions.json", "generation_config.json",
+            BASE_PARTS_FILE)
 
 
 def _is_peft(module: torch.nn.Module) -> bool:
@@ -96,6 +100,9 @@ def write_model_card(output_dir: str | os.PathLike, base_model: str | None = Non
               'd = encoder.encode_documents([{"img": "red.png"}, "a red square"])',
               "scores = q @ d.T", "```", "", "## Evaluation", "",
               metrics_table(metrics) if metrics is not None else "_no evaluation recorded_", ""]
+    provenance = Path(output_dir) / BASE_PARTS_FILE  # carried from a base built from parts
+    if provenance.is_file():
+        parts += base_parts_section(json.loads(provenance.read_text()))
     if training_args:
         parts += ["## Training", "", "```yaml", yaml.safe_dump(dict(training_args), sort_keys=False).strip(),
                   "```", ""]

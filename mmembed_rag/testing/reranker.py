@@ -55,7 +55,7 @@ def _spread_answers(model: LlavaNextForConditionalGeneration, backend: Tokenizer
 
 def make_tiny_reranker(path: str | os.PathLike, seed: int = 0, vocab_size: int = 1000,
                        dtype: torch.dtype = torch.float16, answer_scale: float = 30.0,
-                       **config_overrides: Any) -> Path:
+                       vision_from: str | os.PathLike | None = None, **config_overrides: Any) -> Path:
     """Write a randomly initialised LLaVA-NeXT generative checkpoint to ``path`` and return the path.
 
     Args:
@@ -66,6 +66,8 @@ def make_tiny_reranker(path: str | os.PathLike, seed: int = 0, vocab_size: int =
         answer_scale: the "▁True" - "▁False" direction of ``lm_head`` is scaled by this (after removing its
             component along a typical final hidden state), so that a random model's P("True") spreads over
             (0, 1) instead of sitting near one value: equality tests of scores stay meaningful.
+        vision_from: an MM-Embed checkpoint of the same sizes whose vision tower, projector and image newline
+            this model takes (a generative checkpoint "whose vision side equals" it, for building bases from parts).
         **config_overrides: sizes passed to :func:`mmembed_rag.testing.tiny_config` (``hidden_size``,
             ``layers``, ``image_size``, ``vision_hidden``, ``vision_layers``...).
 
@@ -87,6 +89,8 @@ def make_tiny_reranker(path: str | os.PathLike, seed: int = 0, vocab_size: int =
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(LlavaNextConfig(**raw)).eval()
     _spread_answers(model, backend, answer_ids, answer_scale)
+    if vision_from is not None:
+        _take_vision(model, Path(vision_from))
     model.to(dtype).save_pretrained(str(path), safe_serialization=True)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                         unk_token="<unk>", pad_token="<pad>", additional_special_tokens=["<image>"])
@@ -95,3 +99,14 @@ def make_tiny_reranker(path: str | os.PathLike, seed: int = 0, vocab_size: int =
     _patch_tokenizer_config(path)
     _processor_files(path, raw["vision_config"]["image_size"], raw["image_grid_pinpoints"])
     return path
+
+
+@torch.no_grad()
+def _take_vision(model: LlavaNextForConditionalGeneration, source: Path) -> None:
+    from ..modeling.checkpoint import load_model
+
+    encoder, _ = load_model(source, dtype="float32")
+    inner = model.model
+    inner.vision_tower.load_state_dict(encoder.vision_tower.state_dict())
+    inner.multi_modal_projector.load_state_dict(encoder.multi_modal_projector.state_dict())
+    inner.image_newline.copy_(encoder.image_newline)
