@@ -23,6 +23,11 @@ Claims checked:
 2. stage 3 (continual text-to-text fine-tuning) raises text nDCG@10 over stage 2 while the multimodal
    average Recall@5 drops by at most 1 point.
 
+``--base-from-parts llava_next|qwen3_vl`` starts instead from a base built by
+:func:`mmembed_rag.finetune.build_base` out of tiny pretrained-format parts written by the factories: a LLaVA-NeXT
+generative checkpoint plus an NV-Embed-format text embedder (their language model and latent-attention head), or
+a Qwen3-VL Instruct checkpoint (last-token pooling); the tiny recipe defaults apply to both.
+
 Budget: under 15 minutes of wall time on a 2-core CPU; wall and CPU time are both reported (the machine
 may be shared). Steps are cached in ``--workdir``: a rerun with the same settings only re-reads them.
 
@@ -53,8 +58,17 @@ from _common import machine  # noqa: E402
 
 from mmembed_rag.encoder import Encoder
 from mmembed_rag.finetune.arguments import load_arguments
+from mmembed_rag.finetune.build_base import build_base
 from mmembed_rag.finetune.evaluate import evaluate
-from mmembed_rag.finetune.pipeline import Benchmark, MiningOptions, PipelineResult, run_pipeline, stage_summary
+from mmembed_rag.finetune.pipeline import (
+    TINY_STAGE_DEFAULTS,
+    Benchmark,
+    MiningOptions,
+    PipelineResult,
+    TinyModel,
+    run_pipeline,
+    stage_summary,
+)
 from mmembed_rag.finetune.sampler import training_data
 from mmembed_rag.finetune.synthetic import load_benchmark, load_text_benchmark
 from mmembed_rag.finetune.train import train
@@ -72,6 +86,28 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
             raise SystemExit(f"error: expected KEY=VALUE, got {pair!r}")
         out[key] = yaml.safe_load(value)
     return out
+
+
+def parts_base(family: str, root: Path, seed: int, sizes: TinyModel = TinyModel()) -> Path:
+    """A tiny base built from pretrained-format parts (cached in ``root``), the pipeline's tiny sizes."""
+    from mmembed_rag.testing import make_tiny_nv_embed, make_tiny_qwen3_vl, make_tiny_reranker
+
+    base = root / f"parts-{family}-{seed}" / "base"
+    if (base / "config.json").is_file():
+        return base
+    parts = base.parent
+    if family == "qwen3_vl":
+        generative = make_tiny_qwen3_vl(parts / "generative", kind="instruct", seed=seed, dtype=torch.float32,
+                                        hidden_size=sizes.hidden_size, layers=sizes.layers,
+                                        vision_hidden=sizes.vision_hidden, vision_layers=sizes.vision_layers)
+        return build_base(base, generative=generative)
+    generative = make_tiny_reranker(parts / "generative", seed=seed, dtype=torch.float32,
+                                    hidden_size=sizes.hidden_size, layers=sizes.layers,
+                                    vision_hidden=sizes.vision_hidden, vision_layers=sizes.vision_layers)
+    rows = json.loads((generative / "config.json").read_text())["image_token_index"]  # no rows for <image>, <pad>
+    embedder = make_tiny_nv_embed(parts / "embedder", seed=seed + 1, vocab_size=rows, hidden_size=sizes.hidden_size,
+                                  layers=sizes.layers, num_latents=sizes.num_latents, heads=sizes.latent_heads)
+    return build_base(base, generative=generative, text_embedder=embedder)
 
 
 def control(result: PipelineResult, show_progress: bool, split: str) -> dict[str, Any]:
@@ -165,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where every stage is evaluated: tune settings on 'val', report on 'test' (default)")
     parser.add_argument("--no-control", action="store_true",
                         help="skip the control run (stage 2's training with stage 1's random negatives)")
+    parser.add_argument("--base-from-parts", choices=("llava_next", "qwen3_vl"),
+                        help="start from a base built with build_base out of tiny pretrained-format parts")
     parser.add_argument("--progress", action="store_true", help="progress bars")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -179,7 +217,13 @@ def main(argv: list[str] | None = None) -> int:
             overrides[stage] = {"max_steps": 4, "batch_size": 8, "warmup_steps": 1, **overrides[stage]}
     wall, cpu = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="modality-bias-") as tmp:
-        result = run_pipeline(args.workdir or tmp, stage1=overrides["stage1"], stage2=overrides["stage2"],
+        base, parts = None, None
+        if args.base_from_parts:  # the tiny recipe, which the pipeline applies only to the base it builds itself
+            base = parts_base(args.base_from_parts, Path(args.workdir or tmp), args.seed)
+            parts = json.loads((base / "base_parts.json").read_text())
+            overrides = {stage: {**TINY_STAGE_DEFAULTS[stage], **overrides[stage]} for stage in STAGES}
+        result = run_pipeline(args.workdir or tmp, base_model=base, stage1=overrides["stage1"],
+                              stage2=overrides["stage2"],
                               stage3=overrides["stage3"], stage2_init=args.stage2_init,
                               stage1_negatives=args.stage1_negatives, text_fraction=args.text_fraction,
                               mining=MiningOptions(c2_start=args.c2_start, num_negatives=args.hard_negatives),
@@ -195,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                          "process_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
                          "torch_threads": args.threads, "steps": result.timings},
               "mining": result.mining["counts"],
+              **({"base_parts": parts} if parts is not None else {}),
               "settings": {"stage_args": {n: s.args for n, s in result.stages.items()}, "stage2_init": args.stage2_init,
                            "stage1_negatives": args.stage1_negatives, "text_fraction": args.text_fraction,
                            "c2_start": args.c2_start, "hard_negatives": args.hard_negatives, "seed": args.seed,
