@@ -240,9 +240,15 @@ def build_reranker(args: RerankerTrainArguments) -> MLLMReranker:
         config = LoraConfig(r=args.lora.rank, lora_alpha=args.lora.alpha, lora_dropout=args.lora.dropout,
                             target_modules=list(args.lora.target_modules))
         model.model.language_model = get_peft_model(model.model.language_model, config)
-    if args.train_projector:
-        model.model.multi_modal_projector.requires_grad_(True)
-        model.model.image_newline.requires_grad_(True)
+    if args.train_projector:  # LLaVA-NeXT: projector and image_newline; Qwen3-VL: the vision mergers
+        for name in ("multi_modal_projector", "image_newline"):
+            part = getattr(model.model, name, None)
+            if part is not None:
+                part.requires_grad_(True)
+        visual = getattr(model.model, "visual", None)
+        if visual is not None:
+            visual.merger.requires_grad_(True)
+            visual.deepstack_merger_list.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("trainable parameters: %d of %d", trainable, sum(p.numel() for p in model.parameters()))
     model.train()
@@ -278,7 +284,7 @@ def export_reranker(reranker: MLLMReranker, output_dir: str | Path, *, base_mode
         for file in base.iterdir():
             if file.is_file() and file.suffix not in (".safetensors", ".bin") and file.name not in _WEIGHT_FILES:
                 shutil.copyfile(file, out / file.name)
-    elif not reranker.prompts.tokens.copy_files(out):
+    elif not reranker.tokens.copy_files(out):
         reranker.tokenizer.save_pretrained(str(out))
     model.eval().save_pretrained(str(out), safe_serialization=True)
     if training_args is not None:

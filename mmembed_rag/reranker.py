@@ -161,6 +161,11 @@ class MLLMReranker(Reranker):
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
+    @property
+    def tokens(self) -> PromptTokenizer:
+        """The prompt tokenizer (the checkpoint's tokenizer.json; exports copy its files verbatim)."""
+        return self.prompts.tokens
+
     def format_prompt(self, query: Any, candidate: Any, template: str | RerankTemplate | None = None) -> str:
         """The decoded prompt of one pair (each image slot shows its image tokens), to check a template."""
         query_item, (item,) = self._items(query, [candidate])

@@ -162,3 +162,36 @@ def test_the_command_line_builds_a_base_and_reports_errors_in_one_line(parts, tm
                  "--latents", "4"]) == 2
     assert capsys.readouterr().err.strip() == ("error: --latents and --latent-heads size a fresh head: add --pooling "
                                                "latent_attention")
+
+
+def test_a_qwen3_vl_reranker_from_the_bi_encoder_plus_the_bases_lm_head(tmp_path):
+    from mmembed_rag import MLLMReranker
+    from mmembed_rag.finetune.reranker_init import reranker_from_encoder
+
+    instruct = make_tiny_qwen3_vl(tmp_path / "instruct", kind="instruct", dtype=torch.float32)
+    encoder = build_base(tmp_path / "base", generative=instruct)
+    out = reranker_from_encoder(encoder, tmp_path / "reranker", lm_head_from=instruct)
+    assert _keys(out) == _keys(instruct)
+    candidates = ["a red circle", {"img": Image.new("RGB", (64, 64), (200, 0, 0))}]
+    rebuilt = MLLMReranker.from_pretrained(out, device="cpu").score_logits("red", candidates)
+    original = MLLMReranker.from_pretrained(instruct, device="cpu").score_logits("red", candidates)
+    np.testing.assert_array_equal(rebuilt, original)  # the same weights: the bi-encoder's and the base's head
+
+
+def test_a_llava_reranker_takes_the_bases_lm_head(parts, tmp_path):
+    from mmembed_rag.finetune.reranker_init import reranker_from_encoder
+
+    out = reranker_from_encoder(parts["reference"], tmp_path / "reranker", lm_head_from=parts["generative"])
+    with safe_open(str(next(out.glob("*.safetensors"))), "pt") as got, \
+            safe_open(str(next(parts["generative"].glob("*.safetensors"))), "pt") as base:
+        head = base.get_tensor("language_model.lm_head.weight")
+        key = next(k for k in got.keys() if k.endswith("lm_head.weight"))
+        assert torch.equal(got.get_tensor(key), head)
+
+
+def test_an_lm_head_that_does_not_fit_is_refused(parts, tmp_path):
+    from mmembed_rag.finetune.reranker_init import reranker_from_encoder
+
+    other = make_tiny_reranker(tmp_path / "wide", hidden_size=32, dtype=torch.float32)
+    with pytest.raises(CheckpointError, match=r"LM head of shape \(\d+, 32\) does not fit a \d+-row, 64-wide"):
+        reranker_from_encoder(parts["reference"], tmp_path / "reranker", lm_head_from=other)

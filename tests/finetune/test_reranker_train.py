@@ -27,7 +27,7 @@ from mmembed_rag.finetune.reranker_train import (
 from mmembed_rag.finetune.synthetic import generate_benchmark, load_benchmark
 from mmembed_rag.items import MultimodalItem
 from mmembed_rag.reranker import MLLMReranker
-from mmembed_rag.testing import make_tiny_reranker
+from mmembed_rag.testing import make_tiny_qwen3_vl, make_tiny_reranker
 
 RECIPE = Path(__file__).resolve().parents[2] / "finetune" / "recipes" / "reranker.yaml"
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 220, 20)}
@@ -43,9 +43,14 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # answer_scale 30 (the factory's default, for score-equality tests) saturates the answer logits: slow to train.
+@pytest.fixture(scope="module", params=["llava_next", "qwen3_vl"])
+def base_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """A generative base of each family (the trainable reranker starts from either)."""
+    # A large answer scale (the factories' defaults, for score-equality tests) saturates the answer logits: slow
+    # to train.
+    if request.param == "qwen3_vl":
+        return make_tiny_qwen3_vl(tmp_path_factory.mktemp("rerank") / "qwen", kind="reranker", seed=0,
+                                  answer_scale=1.0, dtype=torch.float32)
     return make_tiny_reranker(tmp_path_factory.mktemp("rerank") / "base", seed=0, answer_scale=3.0)
 
 

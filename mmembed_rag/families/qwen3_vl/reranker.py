@@ -77,8 +77,6 @@ class Qwen3VLReranker(Reranker):
         vocab = tokenizer.get_vocab()
         if "yes" not in vocab or "no" not in vocab:
             raise InvalidArgumentError("the tokenizer has no single 'yes' / 'no' tokens; not a Qwen3-VL reranker")
-        weight = model.lm_head.weight
-        self.direction = (weight[vocab["yes"]] - weight[vocab["no"]]).detach().float()
         self.answer_ids = (vocab["yes"], vocab["no"])
         self.image_pad_id = model.config.image_token_id
         self.special_ids = set(tokens.special_ids)
@@ -106,6 +104,48 @@ class Qwen3VLReranker(Reranker):
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
+
+    @property
+    def direction(self) -> torch.Tensor:
+        """The "yes" minus "no" row of the LM head (read each time: training moves it), float32."""
+        weight = self.model.lm_head.weight
+        return (weight[self.answer_ids[0]] - weight[self.answer_ids[1]]).detach().float()
+
+    def answer_logits(self, queries: Any, candidates: Any, template: Any = None,
+                      instruction: str | None = None) -> torch.Tensor:
+        """Logits of "yes" and "no" at the last position for (query, candidate) pairs, differentiable.
+
+        The training-side view of :meth:`score`: the same prompts, truncation and images, each pair one full
+        right-padded sequence; ``softmax(logits, -1)[:, 0]`` is the official score, sigmoid(yes - no).
+
+        Returns:
+            float32 tensor (n_pairs, 2).
+
+        Raises:
+            ValueError: ``queries`` and ``candidates`` differ in length or are empty. InvalidItemError,
+            ImageLoadError: a pair (named by index) is invalid. InvalidArgumentError: ``template`` given.
+        """
+        if template is not None:
+            raise InvalidArgumentError("template= is for LLaVA-NeXT rerankers; a Qwen3-VL reranker's prompt is the "
+                                       "official one, steered by instruction=")
+        if len(queries) != len(candidates) or not len(queries):
+            raise ValueError(f"need as many queries as candidates (at least one), got {len(queries)} and "
+                             f"{len(candidates)}")
+        sequences, images = [], []
+        for i, (query, candidate) in enumerate(zip(queries, candidates)):
+            try:
+                query_item, (item,) = self._items(query, [candidate])
+            except InvalidItemError as exc:
+                raise InvalidItemError(f"pair {i}: " + str(exc).replace("candidate 0:", "candidate:", 1)) from exc
+            sides = ((query_item, "query"), (item, "candidate"))
+            own = [self._image(side, f"pair {i} {label}") for side, label in sides if side.image is not None]
+            ids = self.tokens.encode(self.chat.render(JUDGE_SYSTEM, self._user(query_item, item, instruction)))
+            sequences.append(self._sequence(ids, [g for _, g in own])[0])
+            images.extend(own)
+        full, mask = self._padded(sequences)
+        hidden = self.model.model(**self._inputs(full, mask, images), use_cache=False).last_hidden_state
+        last = hidden[torch.arange(len(sequences), device=hidden.device), mask.sum(dim=1) - 1]
+        return self.model.lm_head(last).float()[:, list(self.answer_ids)]
 
     def format_prompt(self, query: Any, candidate: Any, instruction: str | None = None) -> str:
         """The decoded prompt of one pair (images as their pad tokens), to check what the model sees."""
