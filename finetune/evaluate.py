@@ -8,7 +8,8 @@
 
 Queries are encoded with their task's first instruction, the pool as documents (once; cached by content
 hash when ``cache_dir`` is given), and ranked with the chunked :func:`~mmembed_rag.finetune.search.top_k_search`
-that mining uses too.
+that mining uses too. Under ``torchrun`` / ``accelerate launch`` each process encodes a share of the pool and
+queries (:mod:`~mmembed_rag.finetune.parallel`) and computes the whole report, the same on every rank.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from mmembed_rag.items import MultimodalItem
 
 from .data import MBEIRDataset, TextRetrievalData
 from .mining import encode_pool
+from .parallel import encode_documents, encode_queries, is_main_process
 from .search import top_k_search
 
 __all__ = ["EvaluationReport", "TaskResult", "default_k", "evaluate", "evaluate_mbeir", "evaluate_text",
@@ -135,9 +137,13 @@ class EvaluationReport:
         return {"tasks": tasks, "average": averages, "text": dict(self.text)}
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
-        """The report as JSON (NaN for metrics without queries), also written to ``path`` when given."""
+        """The report as JSON (NaN for metrics without queries), also written to ``path`` when given.
+
+        Under a process group only rank 0 writes (every rank holds the same report); it joins no collective,
+        so rank 0 may call it alone.
+        """
         text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
+        if path is not None and is_main_process():
             with open(path, "w", encoding="utf-8") as fh:
                 fh.write(text + "\n")
         return text
@@ -187,10 +193,10 @@ def evaluate_mbeir(encoder: Encoder, dataset: MBEIRDataset, *, pools: Sequence[s
         raise ValueError(f"pools must be 'local' and/or 'global', got {bad}")
     dids, pool_emb = encode_pool(encoder, dataset, batch_size=batch_size, cache_dir=cache_dir, model_key=model_key,
                                  show_progress=show_progress)
-    query_emb = encoder.encode_queries([dataset.query_item(q) for q in dataset.queries], batch_size=batch_size,
-                                       show_progress=show_progress)
+    query_emb = encode_queries(encoder, [dataset.query_item(q) for q in dataset.queries], batch_size=batch_size,
+                               show_progress=show_progress, what="evaluation queries")
     unjudged = [q.qid for q in dataset.queries if not dataset.positives(q)]
-    if unjudged:
+    if unjudged and is_main_process():
         logger.warning("%d queries have no positive in the qrels and count as misses (first: %s)", len(unjudged),
                        unjudged[0])
     position = {did: i for i, did in enumerate(dids)}
@@ -216,8 +222,9 @@ def evaluate_mbeir(encoder: Encoder, dataset: MBEIRDataset, *, pools: Sequence[s
                                            {k: hit_rate(rankings, positives, k) for k in cuts}, headline,
                                            modality_accuracy(top1, first.target_modality)))
     for r in report.tasks:
-        logger.info("%s (%s pool): R@%d %.3f, modality accuracy %.3f", r.task, r.pool, r.k, r.headline,
-                    r.modality_accuracy)
+        if is_main_process():  # every rank has the same report
+            logger.info("%s (%s pool): R@%d %.3f, modality accuracy %.3f", r.task, r.pool, r.k, r.headline,
+                        r.modality_accuracy)
     return report
 
 
@@ -247,21 +254,22 @@ def evaluate_text(encoder: Encoder, data: TextRetrievalData, corpus: Mapping[str
         by_text.setdefault(text, []).append(did)
     qrels = {q.qid: {did: 1 for p in q.positives for did in by_text.get(p, [])} for q in data.queries}
     missing = [qid for qid, rel in qrels.items() if not rel]
-    if missing:
+    if missing and is_main_process():
         logger.warning("%d text queries have no relevant passage in the corpus and are skipped (first: %s)",
                        len(missing), missing[0])
     queries = [q for q in data.queries if qrels[q.qid]]
     if not queries:
         return {f"ndcg@{k}": float("nan"), "num_queries": 0}
-    doc_emb = encoder.encode_documents([MultimodalItem(text=docs[d]) for d in ids], batch_size=batch_size,
-                                       show_progress=show_progress)
-    query_emb = encoder.encode_queries([data.query_item(q) for q in queries], batch_size=batch_size,
-                                       show_progress=show_progress)
+    doc_emb = encode_documents(encoder, [MultimodalItem(text=docs[d]) for d in ids], batch_size=batch_size,
+                               show_progress=show_progress, what="text passages")
+    query_emb = encode_queries(encoder, [data.query_item(q) for q in queries], batch_size=batch_size,
+                               show_progress=show_progress, what="text queries")
     scores, index = top_k_search(query_emb, doc_emb, k, chunk_size=chunk_size, device=device)
     run = {q.qid: {ids[j]: float(s) for j, s in zip(found, row, strict=True)}
            for q, found, row in zip(queries, index, scores, strict=True)}
     value = ndcg_at_k(run, {q.qid: qrels[q.qid] for q in queries}, k)
-    logger.info("text retrieval: nDCG@%d %.4f over %d queries", k, value, len(queries))
+    if is_main_process():
+        logger.info("text retrieval: nDCG@%d %.4f over %d queries", k, value, len(queries))
     return {f"ndcg@{k}": value, "num_queries": len(queries)}
 
 

@@ -32,6 +32,7 @@ import torch
 from mmembed_rag.encoder import Encoder
 
 from .data import MBEIRDataset, MBEIRQuery
+from .parallel import data_parallel, encode_documents, encode_queries, is_main_process
 from .search import top_k_search
 
 __all__ = ["MiningResult", "encode_pool", "mine_hard_negatives", "model_fingerprint", "modality_aware_candidates",
@@ -131,12 +132,14 @@ def encode_pool(encoder: Encoder, dataset: MBEIRDataset, *, batch_size: int = 8,
 
     The cache key covers the model (``model_key``, e.g. checkpoint path + mtime, or
     :func:`model_fingerprint`), the prompt settings and :func:`pool_fingerprint`, so a changed model or
-    pool never reuses stale vectors.
+    pool never reuses stale vectors. Under a process group every rank encodes its share
+    (:mod:`~mmembed_rag.finetune.parallel`), gets the whole array, and rank 0 alone writes the cache.
 
     Returns:
         ``(dids, embeddings)``: pool ids in pool order and a float32 (n, dim) array.
     """
     dids = list(dataset.pool)
+    group = data_parallel(getattr(encoder, "device", None))
     path = None
     if cache_dir is not None:
         # A probe prompt's ids capture the tokenizer, BOS/EOS handling and the image token.
@@ -144,22 +147,27 @@ def encode_pool(encoder: Encoder, dataset: MBEIRDataset, *, batch_size: int = 8,
         key = hashlib.sha256(f"v1|{model_key or model_fingerprint(encoder.model)}|{settings}|"
                              f"{pool_fingerprint(dataset)}".encode()).hexdigest()[:40]
         path = Path(cache_dir) / f"pool-{key}.npy"
-        if path.is_file():
+        if all(group.all_gather_object(path.is_file())):  # every rank reads it, or every rank encodes
             logger.info("pool embeddings from cache %s", path)
             return dids, np.load(path)
-    emb = encoder.encode_documents([dataset.candidate_item(c) for c in dataset.pool.values()], batch_size=batch_size,
-                                   show_progress=show_progress)
+    emb = encode_documents(encoder, [dataset.candidate_item(c) for c in dataset.pool.values()], batch_size=batch_size,
+                           show_progress=show_progress, what="pool candidates")
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, emb)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        group.on_main(lambda: _save_array(path, emb), str(path))
     return dids, emb
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` atomically (temp file + ``os.replace``): a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -187,7 +195,9 @@ def mine_hard_negatives(encoder: Encoder, dataset: MBEIRDataset, *, output: str 
                         show_progress: bool | None = None) -> MiningResult:
     """Mine hard negatives for every query of ``dataset`` and (optionally) write the new queries file.
 
-    Queries are encoded with their task's first instruction, the pool once as documents (cached).
+    Queries are encoded with their task's first instruction, the pool once as documents (cached). Under
+    ``torchrun`` / ``accelerate launch`` each process encodes a share of both and ranks and samples everything
+    (the same result on every rank, and as in one process); rank 0 alone writes ``output``.
 
     Args:
         encoder: the stage-1 model.
@@ -218,8 +228,8 @@ def mine_hard_negatives(encoder: Encoder, dataset: MBEIRDataset, *, output: str 
                          f"{num_negatives}")
     dids, pool_emb = encode_pool(encoder, dataset, batch_size=batch_size, cache_dir=cache_dir, model_key=model_key,
                                  show_progress=show_progress)
-    query_emb = encoder.encode_queries([dataset.query_item(q) for q in dataset.queries], batch_size=batch_size,
-                                       show_progress=show_progress)
+    query_emb = encode_queries(encoder, [dataset.query_item(q) for q in dataset.queries], batch_size=batch_size,
+                               show_progress=show_progress, what="mining queries")
     rankings = _rankings(dataset, dids, pool_emb, query_emb, top_k, pool, chunk_size, device)
     mined: list[MBEIRQuery] = []
     counts: dict[str, dict[str, int]] = {}
@@ -241,12 +251,14 @@ def mine_hard_negatives(encoder: Encoder, dataset: MBEIRDataset, *, output: str 
         task["negatives"] += len(negatives)
         task["empty"] += not negatives
     for key, task in sorted(counts.items()):
-        logger.info("%s: %d queries, C1 %d, C2 %d, %d negatives, %d without", key, task["queries"], task["c1"],
-                    task["c2"], task["negatives"], task["empty"])
+        if is_main_process():  # every rank has the same counts
+            logger.info("%s: %d queries, C1 %d, C2 %d, %d negatives, %d without", key, task["queries"], task["c1"],
+                        task["c2"], task["negatives"], task["empty"])
     result = MiningResult(replace(dataset, queries=mined), counts)
     if output is not None:
         result.path = Path(output)
-        dataset.write_queries(result.path, mined)
+        group = data_parallel(getattr(encoder, "device", None))
+        group.on_main(lambda: dataset.write_queries(result.path, mined), str(result.path))
     return result
 
 
