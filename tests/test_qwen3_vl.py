@@ -149,3 +149,14 @@ def test_reranker_instruction_changes_the_scores_and_cache_equals_naive(qwen_rer
     assert not np.allclose(plain, steered, atol=1e-3)
     ranked = reranker.rerank(query, candidates, top_n=2)
     assert [r.index for r in ranked] == list(np.argsort(-plain, kind="stable")[:2])
+
+
+def test_chroma_function_persists_the_matryoshka_dim_and_reloads_the_family(qwen_checkpoint):
+    from mmembed_rag.store import MMEmbedEmbeddingFunction
+
+    ef = MMEmbedEmbeddingFunction(str(qwen_checkpoint), device="cpu", encoder_kwargs={"dim": 16})
+    again = MMEmbedEmbeddingFunction.build_from_config(ef.get_config())
+    assert again.get_config()["encoder_kwargs"] == {"dim": 16}
+    vectors = again(["a red circle"])
+    assert vectors[0].shape == (16,) and again.encoder.family.name == "qwen3_vl"
+    np.testing.assert_allclose(vectors[0], ef(["a red circle"])[0], atol=1e-6)
