@@ -69,9 +69,11 @@ def _dataset(args: argparse.Namespace, split: str) -> Any:
 
 
 def _encoder(path: str, max_length: int) -> Any:
+    """The encoder on this process's device: under torchrun / accelerate, each rank's own accelerator."""
+    from mmembed_rag.cli.distributed import join_processes
     from mmembed_rag.encoder import Encoder
 
-    return Encoder.from_pretrained(path, max_length=max_length)
+    return Encoder.from_pretrained(path, max_length=max_length, device=join_processes(None).device)
 
 
 def _synth(args: argparse.Namespace, _: list[str]) -> int:
@@ -101,12 +103,15 @@ def _train(_: argparse.Namespace, rest: list[str]) -> int:
 
 def _mine(args: argparse.Namespace, _: list[str]) -> int:
     from .mining import mine_hard_negatives
+    from .parallel import is_main_process
 
     dataset = _dataset(args, args.split)
     result = mine_hard_negatives(_encoder(args.model, args.max_length), dataset, output=args.output,
                                  top_k=args.top_k, c2_start=args.c2_start, num_negatives=args.num_negatives,
                                  num_c1=args.num_c1, strategy=args.strategy, pool=args.search_pool, seed=args.seed,
                                  batch_size=args.batch_size, cache_dir=args.cache_dir)
+    if not is_main_process():  # data-parallel: every rank holds the same result; one reports it
+        return 0
     print("| task | queries | C1 | C2 | negatives | without |\n|---|---|---|---|---|---|")
     for task, c in sorted(result.counts.items()):
         print(f"| {task} | {c['queries']} | {c['c1']} | {c['c2']} | {c['negatives']} | {c['empty']} |")
@@ -117,6 +122,7 @@ def _mine(args: argparse.Namespace, _: list[str]) -> int:
 def _eval(args: argparse.Namespace, _: list[str]) -> int:
     from .data import TextRetrievalData, read_jsonl
     from .evaluate import evaluate
+    from .parallel import is_main_process
     from .synthetic import load_text_benchmark
 
     text = corpus = None
@@ -132,6 +138,8 @@ def _eval(args: argparse.Namespace, _: list[str]) -> int:
         raise ValueError("nothing to evaluate: give --data DIR, --queries/--pool, or --text/--corpus")
     report = evaluate(_encoder(args.model, args.max_length), dataset, text, corpus, pools=args.pools, ks=args.ks,
                       batch_size=args.batch_size, cache_dir=args.cache_dir)
+    if not is_main_process():  # data-parallel: every rank holds the same report; one writes it
+        return 0
     if args.json is not None:
         report.to_json(args.json)
     markdown = report.to_markdown()
