@@ -29,7 +29,7 @@ from transformers import AutoTokenizer, DynamicCache, LlavaNextForConditionalGen
 from .arguments import positive_int
 from .checkpoint_files import read_json_object
 from .devices import default_dtype, resolve_device, resolve_dtype
-from .errors import CheckpointError, ImageLoadError, InvalidArgumentError, InvalidItemError, NumericalError
+from .errors import CheckpointError, ImageLoadError, InvalidArgumentError, InvalidItemError
 from .hub import resolve_checkpoint
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .items import MultimodalItem
@@ -43,7 +43,7 @@ from .rerank_templates import (
     get_template,
     select_template,
 )
-from .reranker_base import Reranker
+from .reranker_base import Reranker, check_finite
 from .results import RankedItem
 from .tokenization import PromptTokenizer
 
@@ -357,13 +357,7 @@ class MLLMReranker(Reranker):
                         pixels.append(self._pixels(items[i], f"candidate {i}"))
                     out[i] = self._score_pair(list(prefix_ids) + rows[i], pixels)
                     bar.update(1)
-        bad = np.flatnonzero(~np.isfinite(out))  # one cheap pass: NaN weights or image settings give NaN P("True")
-        if bad.size:
-            shown = ", ".join(map(str, bad[:10].tolist())) + (f" (+{bad.size - 10} more)" if bad.size > 10 else "")
-            raise NumericalError(f"candidate(s) {shown}: the reranker produced non-finite (NaN/inf) scores; the "
-                                 "checkpoint's weights or its image normalisation (preprocessor_config.json) are "
-                                 "broken")
-        return out
+        return check_finite(out)
 
     def _score_group(self, prefix_ids: list[int], query_features: torch.Tensor | None, rows: dict[int, list[int]],
                      items: list[MultimodalItem], batch_size: int, out: np.ndarray, bar: tqdm) -> None:

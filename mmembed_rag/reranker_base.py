@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InvalidItemError
+from .errors import InvalidItemError, NumericalError
 from .items import MultimodalItem, to_item
 from .results import RankedItem
 
-__all__ = ["Reranker"]
+__all__ = ["Reranker", "check_finite", "convert"]
 
 
 class Reranker(ABC):
@@ -95,3 +95,13 @@ def convert(obj: Any, label: str, index: int) -> MultimodalItem:
         message = str(exc).removeprefix(f"item {index}: ")
         name = "query" if label == "query" else f"candidate {index}"
         raise InvalidItemError(f"{name}: {message}") from exc
+
+
+def check_finite(scores: np.ndarray) -> np.ndarray:
+    """``scores``, or a NumericalError naming the candidates whose score is NaN/inf (broken weights or images)."""
+    bad = np.flatnonzero(~np.isfinite(scores))  # one cheap pass over the whole call's scores
+    if bad.size:
+        shown = ", ".join(map(str, bad[:10].tolist())) + (f" (+{bad.size - 10} more)" if bad.size > 10 else "")
+        raise NumericalError(f"candidate(s) {shown}: the reranker produced non-finite (NaN/inf) scores; the "
+                             "checkpoint's weights or its image normalisation (preprocessor_config.json) are broken")
+    return scores

@@ -20,11 +20,11 @@ from transformers import AutoTokenizer, DynamicCache, Qwen3VLForConditionalGener
 
 from ...arguments import positive_int
 from ...devices import default_dtype, resolve_device, resolve_dtype
-from ...errors import ImageLoadError, InvalidArgumentError, InvalidItemError, NumericalError
+from ...errors import ImageLoadError, InvalidArgumentError, InvalidItemError
 from ...hub import resolve_checkpoint
 from ...images import DEFAULT_MAX_PIXELS, load_image
 from ...items import MultimodalItem
-from ...reranker_base import Reranker
+from ...reranker_base import Reranker, check_finite
 from ...tokenization import PromptTokenizer
 from .chat import ChatTemplate, load_chat_template
 from .checkpoint import load_pretrained
@@ -240,13 +240,7 @@ class Qwen3VLReranker(Reranker):
                 for i, (ids, own) in enumerate(zip(sequences, images)):
                     out[i] = self._logits([ids], own)[0]
                     bar.update(1)
-        bad = np.flatnonzero(~np.isfinite(out))
-        if bad.size:
-            shown = ", ".join(map(str, bad[:10].tolist())) + (f" (+{bad.size - 10} more)" if bad.size > 10 else "")
-            raise NumericalError(f"candidate(s) {shown}: the reranker produced non-finite (NaN/inf) scores; the "
-                                 "checkpoint's weights or its image normalisation (preprocessor_config.json) are "
-                                 "broken")
-        return out
+        return check_finite(out)
 
     def _shared_prefix(self, sequences: list[list[int]], query_images: int) -> int:
         """Tokens every pair starts with, ending before any candidate image and leaving each pair one token."""
