@@ -9,6 +9,7 @@ A thin front end over the package's functions::
     python -m mmembed_rag.finetune eval --model run/model --data data --json report.json --markdown report.md
     python -m mmembed_rag.finetune export --run run --output exported --dtype float16
     python -m mmembed_rag.finetune pipeline --workdir runs/pipeline --stage1 max_steps=300
+    python -m mmembed_rag.finetune pipeline --workdir runs/mine --generative Qwen3-VL-2B-Instruct
 
 Errors are reported as one line on stderr with exit code 2; ``-v`` adds the stack trace (and debug logs).
 """
@@ -213,7 +214,16 @@ def _checkpoint_model(run: Path, checkpoint: str) -> tuple[Any, Any, dict[str, A
 def _pipeline(args: argparse.Namespace, _: list[str]) -> int:
     from .pipeline import Benchmark, MiningOptions, run_pipeline, summary_table
 
-    result = run_pipeline(args.workdir, base_model=args.base_model, data_dir=args.data_dir,
+    base_model = args.base_model
+    if args.generative is not None:  # from pretrained parts: build the base first (reused when already built)
+        if base_model is not None:
+            raise ValueError("give --base-model or --generative (a base built from parts), not both")
+        from .build_base import build_base
+
+        target = args.workdir / "base-from-parts"
+        base_model = target if (target / "config.json").is_file() else build_base(
+            target, generative=args.generative, text_embedder=args.text_embedder, pooling=args.pooling)
+    result = run_pipeline(args.workdir, base_model=base_model, data_dir=args.data_dir,
                           stage1=_key_values(args.stage1), stage2=_key_values(args.stage2),
                           stage3=_key_values(args.stage3), stage2_init=args.stage2_init,
                           stage1_negatives=args.stage1_negatives, text_fraction=args.text_fraction,
@@ -321,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     pipe = add("pipeline", "the staged recipe: stage 1, mining, stage 2, stage 3, evaluation, export (cached)")
     pipe.add_argument("--workdir", type=Path, required=True)
     pipe.add_argument("--base-model", help="released-format checkpoint (default: a tiny random one)")
+    pipe.add_argument("--generative", type=Path, help="build the base from this generative checkpoint (see build-base)")
+    pipe.add_argument("--text-embedder", type=Path, help="with --generative: an NV-Embed-format text embedder")
+    pipe.add_argument("--pooling", choices=("latent_attention", "mean", "last_token"),
+                      help="with --generative and no --text-embedder: a fresh pooling head")
     pipe.add_argument("--data-dir", type=Path, help="benchmark directory (default: generated)")
     for stage in ("stage1", "stage2", "stage3"):
         pipe.add_argument(f"--{stage}", action="append", default=[], metavar="KEY=VALUE",

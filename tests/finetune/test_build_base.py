@@ -195,3 +195,19 @@ def test_an_lm_head_that_does_not_fit_is_refused(parts, tmp_path):
     other = make_tiny_reranker(tmp_path / "wide", hidden_size=32, dtype=torch.float32)
     with pytest.raises(CheckpointError, match=r"LM head of shape \(\d+, 32\) does not fit a \d+-row, 64-wide"):
         reranker_from_encoder(parts["reference"], tmp_path / "reranker", lm_head_from=other)
+
+
+def test_one_command_from_a_generative_checkpoint_to_an_evaluated_export(tmp_path, capsys):
+    from mmembed_rag.finetune.__main__ import main
+
+    instruct = make_tiny_qwen3_vl(tmp_path / "instruct", kind="instruct", dtype=torch.float32)
+    code = main(["pipeline", "--workdir", str(tmp_path / "run"), "--generative", str(instruct), "--n-train", "12",
+                 "--n-test", "6", "--top-k", "10", "--c2-start", "5", "--num-negatives", "2", "--no-progress",
+                 *[arg for stage in ("stage1", "stage2", "stage3")
+                   for arg in (f"--{stage}", "max_steps=2", f"--{stage}", "batch_size=4")]])
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    final = Path(out.strip().splitlines()[-1].removeprefix("final model: "))
+    assert "recall@5" in out.lower() or "R@5" in out
+    assert Encoder.from_pretrained(final, device="cpu").family.name == "qwen3_vl"
+    assert "## Base parts" in (final / "README.md").read_text()
