@@ -26,6 +26,7 @@ SMOKE = {
     "chroma_ingest.py": ["--quick", "--json"],
     "langchain_ingest.py": ["--quick", "--json"],
     "llama_index_ingest.py": ["--quick", "--json"],
+    "qwen3_vl_encode.py": ["--quick", "--json"],
 }
 
 
