@@ -62,9 +62,10 @@ def long_input(device: str = "cuda") -> dict[str, Any]:
     """bf16 on ``device`` vs fp32 CPU cosine for a 3,500-token text plus an image."""
     root = FIXTURES / "mmembed-release-layout"
     cpu = Encoder.from_pretrained(root, device="cpu", dtype="float32")
-    text, _ = cpu.family.prompts.tokens.truncate("Photosynthesis converts light energy into chemical energy. " * 600, 3500)
+    prompts = cpu.family.prompts
+    text, _ = prompts.tokens.truncate("Photosynthesis converts light energy into chemical energy. " * 600, 3500)
     item = [{"txt": text, "img": str(root / "input_1.png")}]
-    tokens = cpu.token_count(cpu.family.prompts.document(text, True))
+    tokens = cpu.token_count(prompts.document(text, True))
     reference = cpu.encode_documents(item)
     half = Encoder.from_pretrained(root, device=device, dtype="bfloat16").encode_documents(item)
     cosine = float((reference * half).sum())
