@@ -10,13 +10,18 @@ import platform
 import random
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["WORDS", "add_output_args", "clip_vision_config", "emit", "goal", "machine", "mistral_config", "print_table",
-           "random_text", "setup_logging", "synthetic_image", "tiny_vocab"]
+if TYPE_CHECKING:  # the library (and torch) load only where a benchmark needs them
+    from mmembed_rag import Encoder
+    from mmembed_rag.items import MultimodalItem
+
+__all__ = ["WORDS", "add_output_args", "clip_vision_config", "emit", "goal", "machine", "mistral_config",
+           "padding_ratio", "padding_waste", "print_table", "random_text", "setup_logging", "synthetic_image",
+           "tiny_vocab"]
 
 # Caption / passage vocabulary; with the tiny checkpoints' BPE a word is about two tokens.
 WORDS = (
@@ -131,3 +136,25 @@ def emit(result: dict[str, Any], json_path: Path | None) -> None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(line + "\n")
     print(line, flush=True)
+
+
+def padding_ratio(lengths: list[int], groups: list[list[int]]) -> float:
+    """Tokens computed (rows x longest row per batch) / tokens needed (sum of row lengths)."""
+    computed = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    return computed / sum(lengths[i] for g in groups for i in g)
+
+
+def padding_waste(encoder: Encoder, items: list[MultimodalItem], batch_size: int) -> tuple[float, float]:
+    """(the Encoder's length-sorted batches, input order); the sorted groups are ``encoder.batches``' own plan,
+    with collation stubbed out so that no image is loaded."""
+    from mmembed_rag.families import Batch
+
+    prompts = encoder.document_prompts(items)
+    lengths = [encoder.token_count(p) for p in prompts]
+    encoder.collate = lambda _items, _prompts, positions: Batch(positions, {})  # instance attribute: plan only
+    try:
+        planned = [b.positions for b in encoder.batches(items, prompts, batch_size)]
+    finally:
+        del encoder.collate
+    in_order = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
+    return padding_ratio(lengths, planned), padding_ratio(lengths, in_order)

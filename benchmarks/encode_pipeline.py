@@ -56,6 +56,7 @@ from _common import (  # noqa: E402
     build_cpu_checkpoint,
     emit,
     goal,
+    padding_waste,
     print_table,
     random_text,
     setup_logging,
@@ -98,21 +99,6 @@ def build_corpus(root: Path, counts: tuple[int, ...], seed: int = 0,
     items += [MultimodalItem(text=random_text(rng, rng.randint(8, 60)), image=p) for p in paths[n_image:]]
     rng.shuffle(items)
     return items
-
-
-def padding_ratio(lengths: list[int], groups: list[list[int]]) -> float:
-    """Tokens computed (rows x longest row per batch) / tokens needed (sum of row lengths)."""
-    computed = sum(len(g) * max(lengths[i] for i in g) for g in groups)
-    return computed / sum(lengths[i] for g in groups for i in g)
-
-
-def padding_waste(encoder: Encoder, items: list[MultimodalItem], batch_size: int) -> tuple[float, float]:
-    """(length-sorted, input-order) padding waste; the sorted groups are the encoder's own batches."""
-    prompts = [encoder.family.prompts.document(it.text, it.image is not None) for it in items]
-    lengths = [encoder.token_count(p) for p in prompts]
-    by_encoder = [b.positions for b in encoder.batches(items, prompts, batch_size)]
-    in_order = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
-    return padding_ratio(lengths, by_encoder), padding_ratio(lengths, in_order)
 
 
 def _busy_cpu_s() -> float:

@@ -86,6 +86,7 @@ from _common import (  # noqa: E402
     emit,
     goal,
     mistral_config,
+    padding_waste,
     print_table,
     random_text,
     setup_logging,
@@ -94,7 +95,6 @@ from _common import (  # noqa: E402
 )
 
 from mmembed_rag import Encoder  # noqa: E402
-from mmembed_rag.encoder import Batch  # noqa: E402
 from mmembed_rag.families.qwen3_vl.vision import MAX_PIXELS, MIN_PIXELS  # noqa: E402
 from mmembed_rag.items import MultimodalItem  # noqa: E402
 from mmembed_rag.testing import make_tiny_checkpoint  # noqa: E402
@@ -246,26 +246,6 @@ def padding_corpus(counts: tuple[int, ...], n: int, seed: int = 1) -> list[Multi
     items += [MultimodalItem(text=random_text(rng, rng.randint(8, 60)), image=image()) for _ in range(n_composed)]
     rng.shuffle(items)
     return items
-
-
-def padding_ratio(lengths: list[int], groups: list[list[int]]) -> float:
-    """Tokens computed (rows x longest row per batch) / tokens needed (sum of row lengths)."""
-    computed = sum(len(g) * max(lengths[i] for i in g) for g in groups)
-    return computed / sum(lengths[i] for g in groups for i in g)
-
-
-def padding_waste(encoder: Encoder, items: list[MultimodalItem], batch_size: int) -> tuple[float, float]:
-    """(the Encoder's length-sorted batches, input order); the sorted groups are ``encoder.batches``' own plan,
-    with collation stubbed out so that no image is loaded."""
-    prompts = encoder.document_prompts(items)
-    lengths = [encoder.token_count(p) for p in prompts]
-    encoder.collate = lambda _items, _prompts, positions: Batch(positions, {})  # instance attribute: plan only
-    try:
-        planned = [b.positions for b in encoder.batches(items, prompts, batch_size)]
-    finally:
-        del encoder.collate
-    in_order = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
-    return padding_ratio(lengths, planned), padding_ratio(lengths, in_order)
 
 
 class ForwardMeter:
