@@ -8,6 +8,8 @@ import logging
 import os
 import platform
 import random
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,9 +21,9 @@ if TYPE_CHECKING:  # the library (and torch) load only where a benchmark needs t
     from mmembed_rag import Encoder
     from mmembed_rag.items import MultimodalItem
 
-__all__ = ["WORDS", "add_output_args", "clip_vision_config", "emit", "goal", "machine", "mistral_config",
-           "padding_ratio", "padding_waste", "print_table", "random_text", "setup_logging", "synthetic_image",
-           "tiny_vocab"]
+__all__ = ["WORDS", "add_output_args", "busy_cpu_s", "clip_vision_config", "emit", "goal", "machine",
+           "mistral_config", "padding_ratio", "padding_waste", "print_table", "random_text", "setup_logging",
+           "synthetic_image", "timed", "tiny_vocab"]
 
 # Caption / passage vocabulary; with the tiny checkpoints' BPE a word is about two tokens.
 WORDS = (
@@ -158,3 +160,21 @@ def padding_waste(encoder: Encoder, items: list[MultimodalItem], batch_size: int
         del encoder.collate
     in_order = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
     return padding_ratio(lengths, planned), padding_ratio(lengths, in_order)
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has been busy (Linux /proc/stat; NaN elsewhere)."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return float("nan")
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+
+
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, float]:
+    """(result, wall seconds, share of the machine's CPUs other processes used meanwhile)."""
+    busy, cpu, start = busy_cpu_s(), time.process_time(), time.perf_counter()
+    result = fn(*args)
+    wall = time.perf_counter() - start
+    foreign = (busy_cpu_s() - busy) - (time.process_time() - cpu)
+    return result, wall, max(0.0, foreign / (wall * (os.cpu_count() or 1)))

@@ -40,10 +40,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see the docstring
 
@@ -61,6 +59,7 @@ from _common import (  # noqa: E402
     random_text,
     setup_logging,
     synthetic_image,
+    timed,
 )
 
 from mmembed_rag import Encoder  # noqa: E402
@@ -99,24 +98,6 @@ def build_corpus(root: Path, counts: tuple[int, ...], seed: int = 0,
     items += [MultimodalItem(text=random_text(rng, rng.randint(8, 60)), image=p) for p in paths[n_image:]]
     rng.shuffle(items)
     return items
-
-
-def _busy_cpu_s() -> float:
-    """CPU seconds the whole machine has been busy (Linux /proc/stat; NaN elsewhere)."""
-    try:
-        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return float("nan")
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
-
-
-def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, float]:
-    """(result, wall seconds, share of the machine's CPUs other processes used meanwhile)."""
-    busy, cpu, start = _busy_cpu_s(), time.process_time(), time.perf_counter()
-    result = fn(*args)
-    wall = time.perf_counter() - start
-    foreign = (_busy_cpu_s() - busy) - (time.process_time() - cpu)
-    return result, wall, max(0.0, foreign / (wall * (os.cpu_count() or 1)))
 
 
 def end_to_end(encoder: Encoder, items: list[MultimodalItem], batch_size: int) -> float:

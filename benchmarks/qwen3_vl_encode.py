@@ -67,7 +67,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -91,6 +90,7 @@ from _common import (  # noqa: E402
     random_text,
     setup_logging,
     synthetic_image,
+    timed,
     tiny_vocab,
 )
 
@@ -277,24 +277,6 @@ class ForwardMeter:
     def record(self) -> dict[str, Any]:
         return {"computed": self.computed, "needed": self.needed, "forward_calls": self.calls,
                 "ratio": round(self.computed / max(self.needed, 1), 4)}
-
-
-def _busy_cpu_s() -> float:
-    """CPU seconds the whole machine has been busy (Linux /proc/stat; NaN elsewhere)."""
-    try:
-        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return float("nan")
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
-    """(result, wall seconds, share of the machine's CPUs other processes used meanwhile)."""
-    busy, cpu, start = _busy_cpu_s(), time.process_time(), time.perf_counter()
-    result = fn()
-    wall = time.perf_counter() - start
-    foreign = (_busy_cpu_s() - busy) - (time.process_time() - cpu)
-    return result, wall, max(0.0, foreign / (wall * (os.cpu_count() or 1)))
 
 
 def _spread(values: list[float]) -> dict[str, float]:
