@@ -26,8 +26,6 @@ from mmembed_rag.cli import main
 from mmembed_rag.cli.sources import iter_entries, scan_paths
 from mmembed_rag.store.records import content_id, image_reference
 
-pytestmark = pytest.mark.both_families  # every test runs once per model family
-
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES, N_PASSAGES = 5, 4
 

@@ -21,8 +21,6 @@ from test_cli_distributed import chroma_server  # noqa: F401  (a real `chroma ru
 from mmembed_rag.cli import main
 from mmembed_rag.store import MultimodalCollection, StoreError
 
-pytestmark = pytest.mark.both_families  # every test runs once per model family
-
 TOKEN = "s3cret-token-7f1d"
 
 
